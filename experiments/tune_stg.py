@@ -1,0 +1,47 @@
+"""Choose the demo's defaults on validation data (STG_E generated with seed 7), never on a test set.
+
+    python experiments/tune_stg.py --gamma 1 --span last --epochs 30 ... >> experiments/tune_log.jsonl
+Each call trains one configuration on STG_E train_M (seed 42) and prints one JSON line with
+accuracy on the seed-7 IID and OOD *validation* sets.
+"""
+import argparse, json, time
+
+import torch
+
+from cattune import stg
+from cattune.evaluate import evaluate
+from cattune.tiny import build
+from cattune.trainer import CATConfig, CATTrainer
+
+p = argparse.ArgumentParser()
+p.add_argument("--gamma", type=float, default=1.0)
+p.add_argument("--alpha", type=float, default=2.0)
+p.add_argument("--span", default="last")
+p.add_argument("--decay", type=float, default=0.0)
+p.add_argument("--epochs", type=float, default=30)
+p.add_argument("--lr", type=float, default=1e-3)
+p.add_argument("--wd", type=float, default=0.0)
+p.add_argument("--bs", type=int, default=16)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--layers", type=int, default=2)
+p.add_argument("--hidden", type=int, default=128)
+p.add_argument("--dropout", type=float, default=0.0)
+p.add_argument("--threads", type=int, default=1)
+p.add_argument("--split", default="train_M")
+p.add_argument("--whole-numbers", action="store_true")
+a = p.parse_args()
+torch.set_num_threads(a.threads)
+data = stg.generate("E")
+val = stg.generate("E", seed=7)
+model, tok = build([r.text for r in data["train_L"]], seed=a.seed, num_hidden_layers=a.layers,
+                   hidden_size=a.hidden, individual_digits=not a.whole_numbers, intermediate_size=2 * a.hidden, attention_dropout=a.dropout)
+args = CATConfig(output_dir="/tmp/tune", cat_gamma=a.gamma, cat_alpha=a.alpha, cat_span_columns=a.span,
+                 cat_gamma_decay=a.decay, num_train_epochs=a.epochs, per_device_train_batch_size=a.bs,
+                 learning_rate=a.lr, weight_decay=a.wd, warmup_steps=0.1, lr_scheduler_type="cosine",
+                 save_strategy="no", logging_steps=50, report_to=[], disable_tqdm=True, use_cpu=True, seed=a.seed)
+t = time.time()
+CATTrainer(model=model, args=args, train_dataset=data[a.split], processing_class=tok).train()
+out = dict(vars(a), train_s=round(time.time() - t, 1))
+for name, recs in [("train", data[a.split][:400]), ("val_iid", val["iid_test"]), ("val_ood", val["ood_test"])]:
+    out[name] = evaluate(model, tok, recs, progress=False).accuracy
+print(json.dumps(out), flush=True)

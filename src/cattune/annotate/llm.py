@@ -1,0 +1,546 @@
+"""Assistant-LLM annotation: a chat model annotates records from a few human-written demos.
+
+The prompt is a system message (our fixed rules plus the task's instructions), then
+each demo as a user turn (the record) and an assistant turn (its annotation as JSON),
+then the record to annotate. The model answers ``{KEY: [VALUE, ...]}``.
+
+A reply is never trusted: ``parse_reply`` digs the JSON out of whatever came back and
+``check_annotation`` keeps only the pairs that the mask builder can use (KEY and VALUE
+occur in ``input + target`` as whole words, with an occurrence of VALUE ending before
+an occurrence of KEY), using the same ``find_occurrences`` as ``cattune.masks``.
+
+Any OpenAI-compatible chat endpoint works (OpenAI, vLLM, Ollama, GLM, ...), through the
+official ``openai`` client. Its built-in retries are switched off (``max_retries=0``):
+``LLMAnnotator`` retries on its own so that every retry is counted in the report, the
+backoff base can be made tiny in tests, a 429 pauses every worker thread and not just
+the one that saw it, and a stop request interrupts a backoff sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..masks import find_occurrences
+from ..records import Annotation, Record, RecordError, record_from_json
+
+SYSTEM_PROMPT = """\
+You annotate training records for Causal Attention Tuning. A record is a prompt \
+("input") followed by its answer ("target"); a language model reads the text \
+input + target from left to right. For spans of that text (KEYS) you list the earlier \
+spans (VALUES) that a careful reader must look at to produce the KEY.
+
+Rules:
+- Reply with a single JSON object {"KEY": ["VALUE", ...], ...} and nothing else.
+- Copy every KEY and VALUE character for character from input + target: same \
+spelling, case, spacing and number format.
+- Every VALUE must occur in the text before its KEY.
+"""
+
+# Reply fields that wrap the annotation instead of being a KEY of it.
+_WRAPPERS = ("important", "annotation", "annotations")
+
+# Endpoint answers that no retry can fix: a wrong key, model or URL. The run stops.
+_FATAL_STATUS = (401, 403, 404)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def resolve_file(spec: str | os.PathLike, kind: str) -> Path:
+    """A user's path, or ``builtin:NAME`` for a file shipped with cattune.
+
+    ``kind`` is ``"demos"`` (``NAME_demos.jsonl``) or ``"instructions"``
+    (``NAME_instructions.md``).
+    """
+    spec = str(spec)
+    if not spec.startswith("builtin:"):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file ({kind})")
+        return path
+    name = spec[len("builtin:") :]
+    suffix = {"demos": "jsonl", "instructions": "md"}[kind]
+    shipped = resources.files("cattune") / "resources" / "annotate"
+    path = Path(str(shipped / f"{name}_{kind}.{suffix}"))
+    if not path.is_file():
+        known = sorted(p.name.split("_")[0] for p in Path(str(shipped)).glob(f"*_{kind}.{suffix}"))
+        raise FileNotFoundError(f"no shipped {kind} named {name!r}; shipped: {', '.join(known) or 'none'}")
+    return path
+
+
+def load_instructions(spec: str | os.PathLike) -> str:
+    text = resolve_file(spec, "instructions").read_text(encoding="utf-8").strip()
+    if not text:
+        raise ValueError(f"{spec}: the instructions file is empty")
+    return text
+
+
+def load_demos(spec: str | os.PathLike) -> list[Record]:
+    """Read the human-written demos; every pair must pass ``check_annotation``.
+
+    A demo with a pair the pipeline would drop teaches the model to produce it, so a
+    bad demo is an error (file:line and the pair), not a warning.
+    """
+    path = resolve_file(spec, "demos")
+    demos = []
+    for lineno, record in read_records(path):
+        if not record.important:
+            raise RecordError(f"{path}:{lineno}: a demo needs a non-empty 'important'")
+        checked = check_annotation(record, record.important)
+        if checked.dropped or checked.repaired:
+            key, value, reason = (checked.dropped or [("?", "?", "needs repair (spacing or case)")])[0]
+            raise RecordError(f"{path}:{lineno}: demo pair {key!r} <- {value!r}: {reason}")
+        demos.append(record)
+    if not demos:
+        raise ValueError(f"{path}: no demos in the file")
+    return demos
+
+
+def read_records(path: str | os.PathLike) -> list[tuple[int, Record]]:
+    """``(line number, Record)`` for every non-blank line; RecordError names file:line.
+
+    Like ``records.load_records`` but keeps line numbers, which the annotator needs for
+    ids and for messages about a record.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            try:
+                out.append((lineno, record_from_json(obj)))
+            except ValueError as e:
+                raise RecordError(f"{path}:{lineno}: {e}") from None
+    return out
+
+
+# --------------------------------------------------------------------------- prompt
+
+
+def _as_object(annotation: Annotation) -> dict[str, list[str]]:
+    merged: dict[str, list[str]] = {}
+    for key, values in annotation:
+        bucket = merged.setdefault(key, [])
+        bucket.extend(v for v in values if v not in bucket)
+    return merged
+
+
+def format_record(record: Record) -> str:
+    # JSON strings make leading/trailing spaces and quotes in the text unambiguous.
+    body = json.dumps({"input": record.prompt, "target": record.target}, ensure_ascii=False)
+    return f"Record:\n{body}"
+
+
+def build_messages(record: Record, demos: list[Record], instructions: str = "") -> list[dict[str, str]]:
+    system = SYSTEM_PROMPT if not instructions else f"{SYSTEM_PROMPT}\n{instructions}"
+    messages = [{"role": "system", "content": system}]
+    for demo in demos:
+        messages.append({"role": "user", "content": format_record(demo)})
+        messages.append({"role": "assistant", "content": json.dumps(_as_object(demo.important), ensure_ascii=False)})
+    messages.append({"role": "user", "content": format_record(record)})
+    return messages
+
+
+# --------------------------------------------------------------------------- replies
+
+
+class ReplyError(ValueError):
+    """The model's reply holds no JSON annotation we can read."""
+
+
+_FENCE = re.compile(r"```[\w+-]*[ \t]*\n?(.*?)```", re.S)
+_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+
+
+def _raw_pairs(obj: Any) -> list[tuple[Any, Any]] | None:
+    """The (key, values) items of an accepted reply shape, or None for another shape."""
+    if isinstance(obj, dict):
+        if len(obj) == 1:
+            (name, inner), = obj.items()
+            wrapped = isinstance(inner, dict) or (isinstance(inner, list) and inner and isinstance(inner[0], dict))
+            if name in _WRAPPERS and wrapped:
+                return _raw_pairs(inner)
+        return list(obj.items())
+    if isinstance(obj, list) and all(isinstance(item, dict) for item in obj):
+        return [pair for item in obj for pair in item.items()]
+    return None
+
+
+def parse_reply(text: str | None) -> list[tuple[Any, Any]]:
+    """The (key, values) pairs of a reply, unchecked; ``ReplyError`` when there are none.
+
+    Accepts a bare JSON object, one inside a fenced code block, one with text before or
+    after it, a list of one-key objects, and a ``{"important": ...}`` wrapper. Reasoning
+    models' ``<think>...</think>`` preambles are skipped.
+    """
+    if text is None or not text.strip():
+        raise ReplyError("empty reply")
+    text = _THINK.sub("", text)
+    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    decoder = json.JSONDecoder()
+    for candidate in candidates:
+        candidate = candidate.strip()
+        try:
+            pairs = _raw_pairs(json.loads(candidate))
+        except json.JSONDecodeError:
+            pairs = None
+        if pairs is not None:
+            return pairs
+        # Text around the JSON: try each opening bracket until one decodes to a known shape.
+        starts = [i for i, c in enumerate(candidate) if c in "{["][:200]
+        for i in starts:
+            try:
+                obj, _ = decoder.raw_decode(candidate, i)
+            except json.JSONDecodeError:
+                continue
+            pairs = _raw_pairs(obj)
+            if pairs is not None:
+                return pairs
+    raise ReplyError(f"no JSON object in the reply: {text.strip()[:80]!r}")
+
+
+# --------------------------------------------------------------------------- validation
+
+NOT_A_STRING = "not a string"
+KEY_NOT_FOUND = "key not found in text"
+VALUE_NOT_FOUND = "value not found in text"
+NOT_BEFORE = "value not before key"
+NO_VALUES = "key without values"
+
+
+@dataclass
+class Checked:
+    kept: Annotation
+    dropped: list[tuple[str, str, str]] = field(default_factory=list)  # (key, value, reason)
+    repaired: int = 0  # spans kept after fixing spacing or case
+
+
+def _as_text(x: Any) -> str | None:
+    if isinstance(x, str):
+        return x
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return repr(x)
+    return None
+
+
+def _locate(text: str, span: str) -> tuple[str, list[tuple[int, int]]] | None:
+    """The spelling of ``span`` found in ``text`` and its occurrences, or None.
+
+    Models often add surrounding spaces or change case; those are repaired to the
+    text's own spelling, anything else is not guessed at.
+    """
+    if span and (occ := find_occurrences(text, span)):
+        return span, occ
+    stripped = span.strip()
+    if not stripped:
+        return None
+    if stripped != span and (occ := find_occurrences(text, stripped)):
+        return stripped, occ
+    lowered = text.lower()
+    if len(lowered) == len(text):  # case folding kept character positions
+        for start, end in find_occurrences(lowered, stripped.lower()):
+            spelling = text[start:end]
+            if occ := find_occurrences(text, spelling):
+                return spelling, occ
+    return None
+
+
+def check_annotation(record: Record, pairs: list[tuple[Any, Any]], dedupe: bool = True) -> Checked:
+    """Keep the pairs the mask builder can place; report every other one with a reason.
+
+    A pair is kept when KEY and VALUE occur in ``record.text`` (whole words, as in
+    ``cattune.masks``) and some occurrence of VALUE ends before some occurrence of KEY
+    starts. Repeated keys are merged; a repeated value is kept once unless ``dedupe``
+    is False (rules list one value per matched item, even when two items print alike).
+    """
+    text = record.text
+    merged: dict[str, list[str]] = {}
+    checked = Checked(kept=[])
+    for raw_key, raw_values in pairs:
+        values = raw_values if isinstance(raw_values, list) else [raw_values]
+        key = _as_text(raw_key)
+        shown_values = [v if isinstance(v, str) else json.dumps(v) for v in values] or [""]
+        if key is None:
+            checked.dropped += [(json.dumps(raw_key), v, NOT_A_STRING) for v in shown_values]
+            continue
+        if not values:
+            checked.dropped.append((key, "", NO_VALUES))
+            continue
+        found_key = _locate(text, key)
+        if found_key is None:
+            checked.dropped += [(key, v, KEY_NOT_FOUND) for v in shown_values]
+            continue
+        if found_key[0] != key:
+            checked.repaired += 1
+        key, key_occ = found_key
+        last_key_start = max(start for start, _ in key_occ)
+        for raw_value, shown in zip(values, shown_values):
+            value = _as_text(raw_value)
+            if value is None:
+                checked.dropped.append((key, shown, NOT_A_STRING))
+                continue
+            found = _locate(text, value)
+            if found is None:
+                checked.dropped.append((key, value, VALUE_NOT_FOUND))
+                continue
+            spelling, value_occ = found
+            if min(end for _, end in value_occ) > last_key_start:
+                checked.dropped.append((key, value, NOT_BEFORE))
+                continue
+            if spelling != value:
+                checked.repaired += 1
+            bucket = merged.setdefault(key, [])
+            if not dedupe or spelling not in bucket:
+                bucket.append(spelling)
+    checked.kept = [(k, vs) for k, vs in merged.items() if vs]
+    return checked
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class EndpointError(RuntimeError):
+    """The endpoint refuses every request (bad key, model or URL): stop the run."""
+
+
+class RequestFailed(RuntimeError):
+    """Transient errors (429, 5xx, timeouts) outlasted the retries for one record."""
+
+
+class Stopped(Exception):
+    """The run is being stopped; the record is left for the next run."""
+
+
+class _Rejected(Exception):
+    """The endpoint rejected this one request (e.g. too long); not worth repeating."""
+
+
+@dataclass
+class Outcome:
+    """What annotating one record produced; the pipeline sums these into its report."""
+
+    annotation: Annotation = field(default_factory=list)
+    empty_reason: str | None = None  # set when the annotation is empty
+    dropped: list[tuple[str, str, str]] = field(default_factory=list)  # over all replies
+    repaired: int = 0
+    requests: int = 0  # requests sent, failed ones included
+    api_retries: int = 0  # requests repeated after 429/5xx/timeout/connection errors
+    bad_replies: int = 0  # replies that were unparseable or had no valid pair
+    rejected: bool = False  # the endpoint rejected this record's request (400, 413, 422)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def add_usage(self, usage: Any) -> None:
+        if usage is None:
+            return
+        for name in ("prompt_tokens", "completion_tokens"):
+            n = getattr(usage, name, None)
+            if isinstance(n, int):
+                setattr(self, name, (getattr(self, name) or 0) + n)
+
+
+def _describe(err: Exception) -> str:
+    import openai
+
+    if isinstance(err, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(err, openai.APIStatusError):
+        message = getattr(err, "message", "") or ""
+        return f"HTTP {err.status_code}" + (f": {message[:120]}" if message else "")
+    return f"{type(err).__name__}: {str(err)[:120]}"
+
+
+def _retry_after(err: Exception) -> float | None:
+    response = getattr(err, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: rare from these servers, the backoff will do
+
+
+def make_client(base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
+                require_key: bool = False):
+    """An ``openai.OpenAI`` client that never retries by itself.
+
+    The key is read from the environment variable ``api_key_env`` only. Local servers
+    (vLLM, Ollama) want none, so an unset variable sends a placeholder unless
+    ``require_key``.
+    """
+    import openai
+
+    key = os.environ.get(api_key_env)
+    if not key:
+        if require_key:
+            raise ValueError(f"environment variable {api_key_env} is not set (it must hold the API key)")
+        key = "EMPTY"
+    return openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+
+
+class _Pause:
+    """A moment before which no worker sends a request: one 429 slows every thread."""
+
+    def __init__(self):
+        self._until = 0.0
+        self._lock = threading.Lock()
+
+    def push(self, seconds: float) -> None:
+        with self._lock:
+            self._until = max(self._until, time.monotonic() + seconds)
+
+    def wait(self, stop: threading.Event) -> None:
+        while (left := self._until - time.monotonic()) > 0:
+            if stop.wait(left):
+                raise Stopped()
+
+
+class LLMAnnotator:
+    """Annotates one record at a time; safe to call from several threads at once.
+
+    ``max_retries``: how often a request is repeated after a transient error (429, 5xx,
+    408/409, timeout, connection error), waiting ``backoff_base * 2**n`` seconds (with
+    jitter, at most ``backoff_max``, at least the server's Retry-After). ``reply_retries``:
+    how often a record is asked again when the reply is unparseable or has no valid pair.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        model: str,
+        demos: list[Record],
+        instructions: str = "",
+        *,
+        temperature: float | None = 0.9,
+        top_p: float | None = 0.7,
+        max_tokens: int | None = 1024,
+        json_mode: bool = False,
+        reply_retries: int = 2,
+        max_retries: int = 6,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        stop: threading.Event | None = None,
+    ):
+        if reply_retries < 0 or max_retries < 0:
+            raise ValueError("retry counts must be >= 0")
+        if backoff_base < 0 or backoff_max < 0:
+            raise ValueError("backoff times must be >= 0")
+        self.client = client
+        self.model = model
+        self.demos = demos
+        self.instructions = instructions
+        self.reply_retries = reply_retries
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.stop = stop or threading.Event()
+        self._pause = _Pause()
+        self._params: dict[str, Any] = {}
+        if temperature is not None:
+            self._params["temperature"] = temperature
+        if top_p is not None:
+            self._params["top_p"] = top_p
+        if max_tokens is not None:
+            self._params["max_tokens"] = max_tokens
+        if json_mode:
+            self._params["response_format"] = {"type": "json_object"}
+
+    def messages(self, record: Record) -> list[dict[str, str]]:
+        return build_messages(record, self.demos, self.instructions)
+
+    def __call__(self, record: Record) -> Outcome:
+        return self.annotate(record)
+
+    def annotate(self, record: Record) -> Outcome:
+        """Ask until a reply has a valid pair, at most ``1 + reply_retries`` replies.
+
+        Raises ``RequestFailed`` (transient errors outlasted the retries), ``EndpointError``
+        (the endpoint refuses everything) or ``Stopped``. A request the endpoint rejects
+        for this record alone comes back as an empty Outcome with ``rejected`` set.
+        """
+        messages = self.messages(record)
+        outcome = Outcome()
+        problem = ""
+        for _ in range(1 + self.reply_retries):
+            try:
+                reply = self._request(messages, outcome)
+            except _Rejected as e:
+                outcome.rejected = True
+                outcome.empty_reason = f"request rejected: {e}"
+                return outcome
+            try:
+                pairs = parse_reply(reply)
+            except ReplyError as e:
+                outcome.bad_replies += 1
+                problem = f"unparseable reply ({e})"
+                continue
+            checked = check_annotation(record, pairs)
+            outcome.dropped += checked.dropped
+            if checked.kept:
+                outcome.annotation = checked.kept
+                outcome.repaired += checked.repaired
+                return outcome
+            outcome.bad_replies += 1
+            if not pairs:
+                problem = "the model returned an empty annotation"
+            else:
+                reasons = sorted({reason for _, _, reason in checked.dropped})
+                problem = f"no valid pair ({len(checked.dropped)} dropped: {', '.join(reasons)})"
+        outcome.empty_reason = f"{problem}; {outcome.bad_replies} replies"
+        return outcome
+
+    def _request(self, messages: list[dict[str, str]], outcome: Outcome) -> str | None:
+        import openai
+
+        for attempt in range(self.max_retries + 1):
+            self._pause.wait(self.stop)
+            if self.stop.is_set():
+                raise Stopped()
+            outcome.requests += 1
+            try:
+                response = self.client.chat.completions.create(model=self.model, messages=messages, **self._params)
+            except openai.APIStatusError as e:
+                status = e.status_code
+                if status in _FATAL_STATUS:
+                    raise EndpointError(f"the endpoint answered {_describe(e)}; check --base-url, --model and the API key") from None
+                if not (status in (408, 409, 429) or status >= 500):
+                    raise _Rejected(_describe(e)) from None
+                error = e
+            except (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError) as e:
+                error = e
+            else:
+                outcome.add_usage(getattr(response, "usage", None))
+                choices = getattr(response, "choices", None) or []
+                return choices[0].message.content if choices and choices[0].message else None
+            if attempt == self.max_retries:
+                raise RequestFailed(f"{_describe(error)} after {attempt + 1} requests")
+            outcome.api_retries += 1
+            delay = min(self.backoff_max, self.backoff_base * 2**attempt)
+            delay = delay * (0.5 + 0.5 * random.random())  # spread out threads that failed together
+            hinted = _retry_after(error)
+            if hinted is not None:
+                delay = max(delay, min(hinted, self.backoff_max))
+            if isinstance(error, openai.RateLimitError):
+                self._pause.push(delay)
+            elif self.stop.wait(delay):
+                raise Stopped()
+        raise AssertionError("unreachable")

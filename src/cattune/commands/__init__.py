@@ -1,0 +1,1 @@
+"""CLI commands; each module has build_parser() and run(args)."""

@@ -1,0 +1,30 @@
+"""cattune stg: write the Spurious Token Game splits as JSONL."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import stg
+from ..records import save_records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Generate the Spurious Token Game. E (cancer risk): train_L/train_M/train_S/iid_test/ood_test; "
+        "H (air quality index): train/iid_test/ood_test. Seed 42 reproduces the paper's released STG_E files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--variant", choices=["E", "H", "e", "h"], default="E", help="easy (labels) or hard (integer AQI)")
+    p.add_argument("--seed", type=int, default=42, help="random seed")
+    p.add_argument("--out", required=True, help="output directory; one SPLIT.jsonl per split")
+    return p
+
+
+def run(args) -> int:
+    splits = stg.generate(args.variant, seed=args.seed)
+    out = Path(args.out)
+    for name, records in splits.items():
+        save_records(out / f"{name}.jsonl", records)
+        print(f"{out / f'{name}.jsonl'}: {len(records)} records")
+    return 0

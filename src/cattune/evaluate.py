@@ -1,0 +1,182 @@
+"""Evaluation: greedy decoding of the answer, answer checking, and where the model looks.
+
+Accuracy is exact match by default (CAT_METHOD.md section 4); other checkers cover
+numbers with a tolerance, GSM8K's "#### answer" and multiple-choice letters.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .attention import AttentionProbe, use_row_probe
+from .loss import attention_ratio, row_terms, visible_columns
+from .masks import collate, encode_record
+from .records import Record
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def parse_number(text: str) -> float | None:
+    """The first number in ``text`` ("1,234.0" -> 1234.0), or None."""
+    m = _NUMBER.search(text)
+    if not m:
+        return None
+    try:
+        return float(m.group(0).replace(",", ""))
+    except ValueError:
+        return None
+
+
+def final_answer(text: str) -> str:
+    """GSM8K style: the text after the last "####", else the text itself."""
+    return text.rsplit("####", 1)[-1].strip() if "####" in text else text.strip()
+
+
+def check_exact(prediction: str, target: str) -> bool:
+    return prediction.strip() == target.strip()
+
+
+def check_numeric(prediction: str, target: str, rel_tol: float = 1e-4, abs_tol: float = 1e-6) -> bool:
+    """Numbers equal within tolerance: "84.0" matches "84"."""
+    p, t = parse_number(prediction), parse_number(target)
+    if p is None or t is None:
+        return check_exact(prediction, target)
+    return math.isclose(p, t, rel_tol=rel_tol, abs_tol=abs_tol)
+
+
+def check_gsm8k(prediction: str, target: str) -> bool:
+    return check_numeric(final_answer(prediction), final_answer(target))
+
+
+def mc_letter(text: str) -> str | None:
+    """The answer letter in "B", "(B)", "B) ...", "Answer: B", "The answer is B."."""
+    text = text.strip()
+    m = re.match(r"^\(?([A-Ea-e])\)?(?:[.):\s]|$)", text)
+    if m:
+        return m.group(1).upper()
+    m = re.search(r"answer(?: is)?[:\s]*\(?([A-E])\)?\b", text, flags=re.IGNORECASE)
+    return m.group(1).upper() if m else None
+
+
+def check_mc(prediction: str, target: str) -> bool:
+    p, t = mc_letter(prediction), mc_letter(target)
+    return p is not None and p == t
+
+
+CHECKERS: dict[str, Callable[[str, str], bool]] = {
+    "exact": check_exact,
+    "numeric": check_numeric,
+    "gsm8k": check_gsm8k,
+    "mc": check_mc,
+}
+
+
+def get_checker(checker: str | Callable[[str, str], bool]) -> Callable[[str, str], bool]:
+    if callable(checker):
+        return checker
+    if checker not in CHECKERS:
+        raise ValueError(f"unknown checker {checker!r}; choose from {sorted(CHECKERS)}")
+    return CHECKERS[checker]
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    n: int
+    correct: int
+    predictions: list[dict] = field(default_factory=list)
+    attention_ratio: float | None = None  # mean causal / non-causal attention, annotated records
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 32, max_new_tokens: int = 16,
+                     progress: bool = True, desc: str = "generate") -> list[str]:
+    """Greedy decoding of each prompt's continuation, batched with left padding."""
+    device = _device(model)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outs: list[str] = []
+    try:
+        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+            batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+            gen = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+            new = gen[:, batch["input_ids"].shape[1] :]
+            outs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return outs
+
+
+@torch.no_grad()
+def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: int = 32,
+                           span_columns: str = "all", max_length: int | None = None) -> float | None:
+    """Mean over supervised rows of a1/a0 (attention on causal columns vs the rest)."""
+    encoded = [encode_record(tokenizer, r, max_length=max_length, span_columns=span_columns)
+               for r in records if r.important]
+    encoded = [e for e in encoded if e.pairs]
+    if not encoded:
+        return None
+    use_row_probe(model)
+    device = _device(model)
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        b = collate(encoded[i : i + batch_size], tokenizer.pad_token_id, padding_side="right")
+        rows = b.rows.to(device)
+        probe = AttentionProbe(rows)
+        model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), cat_probe=probe,
+              use_cache=False)
+        attn = probe.result()
+        a1, a0, counted = row_terms(attn, b.causal.to(device), visible_columns(rows, attn.shape[-1],
+                                                                               b.attention_mask.to(device)))
+        n = int(counted.sum())
+        total += float(attention_ratio(a1, a0, counted)) * n
+        count += n
+    return total / count if count else None
+
+
+def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = "exact", batch_size: int = 32,
+             max_new_tokens: int | None = None, progress: bool = True, desc: str = "eval") -> EvalResult:
+    """Accuracy of greedy answers on ``records`` plus per-record predictions.
+
+    ``max_new_tokens`` defaults to the longest target's token count + 4.
+    """
+    if not records:
+        raise ValueError("nothing to evaluate: the record list is empty")
+    check = get_checker(checker)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if max_new_tokens is None:
+        longest = max(len(tokenizer(r.target, add_special_tokens=False)["input_ids"]) for r in records)
+        max_new_tokens = longest + 4
+    was_training = model.training
+    model.eval()
+    try:
+        answers = generate_answers(model, tokenizer, [r.prompt for r in records], batch_size, max_new_tokens,
+                                   progress=progress, desc=desc)
+        ratio = causal_attention_ratio(model, tokenizer, records, batch_size)
+    finally:
+        model.train(was_training)
+    predictions = []
+    correct = 0
+    for r, a in zip(records, answers):
+        ok = bool(check(a, r.target))
+        correct += ok
+        predictions.append({"prompt": r.prompt, "target": r.target, "prediction": a, "correct": ok})
+    return EvalResult(accuracy=correct / len(records), n=len(records), correct=correct,
+                      predictions=predictions, attention_ratio=ratio)

@@ -1,0 +1,744 @@
+"""``cattune experiment CONFIG.yaml``: a grid of tasks x models x arms x seeds.
+
+Arms: ``baseline`` (plain fine-tuning, cat_gamma 0), ``cat`` (the Re-Attention loss on
+the causal annotation) and ``placebo`` (the same loss, the columns moved to spans that
+carry no causal information: :func:`cattune.tasks.placebo_records`). Every run trains
+with :class:`cattune.trainer.CATTrainer` and is evaluated on every test set of its task.
+
+Outputs, in the output directory:
+
+- ``results.jsonl``: one line per finished run, appended and flushed as it finishes. A
+  killed experiment started again skips the runs already there, identified by
+  (task, model, arm, seed); a half-written last line is dropped.
+- ``summary.md`` / ``summary.csv``: mean and standard deviation over seeds per arm,
+  and the paired CAT - baseline and CAT - placebo differences with a 95% t-interval
+  over seeds (rewritten atomically after every run).
+- ``logs/RUN.json``: the trainer's log history (loss_ce, loss_attn, attn_ratio, ...),
+  readable by ``cattune.explain.plot_ratio_curve``.
+- ``predictions/RUN.jsonl`` and ``models/RUN/`` when ``save_predictions`` /
+  ``save_models`` are set.
+
+The config format is documented in docs/experiments.md; ``builtin:stg`` is the shipped
+STG configuration (src/cattune/resources/experiments/stg.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from .records import Record, atomic_write_text
+from .tasks import Task, TaskError, get_task, load_task_file, placebo_records
+
+ARMS = ("baseline", "cat", "placebo")
+# The STG demo's settings (cattune.commands.demo), chosen on seed-7 validation data.
+DEFAULT_TRAIN = {
+    "num_train_epochs": 30,
+    "learning_rate": 1e-3,
+    "per_device_train_batch_size": 16,
+    "warmup_steps": 0.1,
+    "lr_scheduler_type": "cosine",
+    "cat_alpha": 5.0,
+    "cat_gamma": 1.0,
+    "cat_gamma_decay": 0.0,
+    "cat_span_columns": "last",
+    "logging_steps": 50,
+}
+# Set by the runner itself: a config that sets them is refused.
+RESERVED_TRAIN = ("output_dir", "seed", "save_strategy", "report_to")
+DEFAULT_EVAL = {"batch_size": 32, "max_new_tokens": None}
+RESULTS = "results.jsonl"
+
+_CONFIG_KEYS = {"name", "output", "seeds", "arms", "models", "tasks", "task_files", "train", "arm_args", "eval",
+                "save_models", "save_predictions", "threads", "description"}
+_TASK_ENTRY_KEYS = {"task", "label", "train", "test", "files", "train_limit", "test_limit", "train_args"}
+_MODEL_KEYS = {"name", "path", "tiny", "lora", "trust_remote_code"}
+
+
+class ConfigError(ValueError):
+    """The experiment config is wrong; the message names the config file and the field."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class TaskEntry:
+    label: str
+    task: Task
+    train_split: str
+    tests: dict[str, str]  # test-set name -> split of the task
+    train_limit: int | None = None
+    test_limit: int | None = None
+    train_args: dict = field(default_factory=dict)
+    raw: Any = None
+
+
+@dataclass
+class ModelEntry:
+    label: str
+    path: str | None = None  # None: the embedded tiny model
+    tiny: dict = field(default_factory=dict)  # cattune.tiny.build overrides (hidden_size, vocab_size, ...)
+    lora: dict | None = None  # cattune.trainer.lora_model kwargs; {} = the release's LoRA setting
+    trust_remote_code: bool = False
+    raw: Any = None
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.path is None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    output: Path
+    seeds: list[int]
+    arms: list[str]
+    models: list[ModelEntry]
+    tasks: list[TaskEntry]
+    train: dict
+    arm_args: dict[str, dict]
+    eval: dict
+    save_models: bool = False
+    save_predictions: bool = False
+    threads: int | None = None
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str
+    model: str
+    arm: str
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.task, self.model, self.arm, self.seed)
+
+    @property
+    def run_id(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.task}__{self.model}__{self.arm}__seed{self.seed}")
+
+
+def resolve_config_path(spec: str | os.PathLike) -> Path:
+    """A path, or ``builtin:NAME`` for a config shipped in cattune/resources/experiments."""
+    spec = str(spec)
+    if spec.startswith("builtin:"):
+        name = spec[len("builtin:"):]
+        shipped = Path(str(resources.files("cattune") / "resources" / "experiments"))
+        path = shipped / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in shipped.glob("*.yaml"))
+            raise FileNotFoundError(f"no shipped experiment named {name!r}; shipped: {', '.join(known) or 'none'}")
+        return path
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such experiment config (shipped ones: builtin:stg)")
+    return path
+
+
+def _coerce_train_args(args: dict, where: str) -> dict:
+    """Check names against CATConfig and turn YAML strings like "1e-3" into numbers."""
+    from .trainer import CATConfig
+
+    types = {f.name: f.type for f in dataclasses.fields(CATConfig)}
+    out = {}
+    for k, v in args.items():
+        if k not in types:
+            close = [n for n in types if n.replace("_", "") == k.replace("_", "")]
+            raise ConfigError(f"{where}: {k!r} is not a CATConfig/TrainingArguments field"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if k in RESERVED_TRAIN:
+            raise ConfigError(f"{where}: {k!r} is set by the experiment runner (per run)")
+        t = types[k]
+        if isinstance(v, str) and t in (float, "float", int, "int"):
+            try:
+                v = float(v) if t in (float, "float") else int(v)
+            except ValueError:
+                raise ConfigError(f"{where}: {k} must be a number, got {v!r}") from None
+        out[k] = v
+    return out
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: seeds must be a count or a list of integers")
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"{where}: seeds must be >= 1")
+        return list(range(value))
+    if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{where}: seeds repeat: {value}")
+        return list(value)
+    raise ConfigError(f"{where}: seeds must be a count or a non-empty list of integers, got {value!r}")
+
+
+def _model_entry(obj: Any, where: str) -> ModelEntry:
+    if isinstance(obj, str):
+        obj = {"name": obj} if obj == "tiny" else {"name": Path(obj).name or obj, "path": obj}
+    if not isinstance(obj, dict) or "name" not in obj:
+        raise ConfigError(f"{where}: a model is 'tiny', a path/hub id, or an object with 'name'")
+    unknown = set(obj) - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown model fields {sorted(unknown)}; allowed: {sorted(_MODEL_KEYS)}")
+    path = obj.get("path")
+    if path is None and obj["name"] != "tiny" and "tiny" not in obj:
+        path = obj["name"]  # a bare name that is not "tiny" is a directory or hub id
+    lora = obj.get("lora")
+    if lora is True:
+        lora = {}
+    elif lora is False:
+        lora = None
+    return ModelEntry(label=str(obj["name"]), path=path, tiny=dict(obj.get("tiny") or {}), lora=lora,
+                      trust_remote_code=bool(obj.get("trust_remote_code", False)), raw=obj)
+
+
+def _task_entry(obj: Any, where: str, base_dir: Path) -> TaskEntry:
+    if isinstance(obj, str):
+        obj = {"task": obj}
+    if not isinstance(obj, dict) or "task" not in obj:
+        raise ConfigError(f"{where}: a task entry is a task name or an object with 'task'")
+    unknown = set(obj) - _TASK_ENTRY_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown task-entry fields {sorted(unknown)}; allowed: {sorted(_TASK_ENTRY_KEYS)}")
+    try:
+        task = get_task(obj["task"])
+    except TaskError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if obj.get("files"):
+        if not isinstance(obj["files"], dict):
+            raise ConfigError(f"{where}: files must map split names to JSONL paths")
+        task = task.with_files({k: str(v) for k, v in obj["files"].items()}, base_dir=base_dir)
+    train_split = obj.get("train", task.train_split)
+    test = obj.get("test", list(task.test_splits))
+    if isinstance(test, str):
+        test = [test]
+    if isinstance(test, list):
+        tests = {str(s): str(s) for s in test}
+    elif isinstance(test, dict):
+        tests = {str(k): str(v) for k, v in test.items()}
+    else:
+        raise ConfigError(f"{where}: test must be a split name, a list of them or a {{name: split}} object")
+    if not tests:
+        raise ConfigError(f"{where}: no test set")
+    label = str(obj.get("label", task.name if train_split == task.train_split else f"{task.name}_{train_split}"))
+    for name in ("train_limit", "test_limit"):
+        v = obj.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"{where}: {name} must be a positive integer")
+    train_args = _coerce_train_args(dict(obj.get("train_args") or {}), f"{where} train_args")
+    return TaskEntry(label=label, task=task, train_split=str(train_split), tests=tests,
+                     train_limit=obj.get("train_limit"), test_limit=obj.get("test_limit"),
+                     train_args=train_args, raw=obj)
+
+
+def parse_config(data: dict, path: Path | None = None) -> ExperimentConfig:
+    where = str(path) if path else "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the config must be a mapping")
+    unknown = set(data) - _CONFIG_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown fields {sorted(unknown)}; allowed: {sorted(_CONFIG_KEYS)}")
+    base_dir = path.parent if path else Path.cwd()
+    for tf in data.get("task_files") or []:
+        tf_path = Path(tf) if Path(tf).is_absolute() else base_dir / tf
+        try:
+            load_task_file(tf_path)
+        except (TaskError, FileNotFoundError) as e:
+            raise ConfigError(f"{where}: task_files: {e}") from None
+    name = str(data.get("name") or (path.stem if path else "experiment"))
+    arms = data.get("arms", list(ARMS))
+    if isinstance(arms, str):
+        arms = [arms]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms or len(set(arms)) != len(arms):
+        raise ConfigError(f"{where}: arms must be distinct names from {ARMS}, got {arms}")
+    models = data.get("models", ["tiny"])
+    if isinstance(models, (str, dict)):
+        models = [models]
+    model_entries = [_model_entry(m, f"{where}: models[{i}]") for i, m in enumerate(models)]
+    if "tasks" not in data or not data["tasks"]:
+        raise ConfigError(f"{where}: 'tasks' is required (a list of task names or entries)")
+    task_list = data["tasks"] if isinstance(data["tasks"], list) else [data["tasks"]]
+    task_entries = [_task_entry(t, f"{where}: tasks[{i}]", base_dir) for i, t in enumerate(task_list)]
+    for kind, labels in (("task", [t.label for t in task_entries]), ("model", [m.label for m in model_entries])):
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ConfigError(f"{where}: {kind} labels must be unique, repeated: {dup} (set 'label'/'name')")
+    train = dict(DEFAULT_TRAIN)
+    train.update(_coerce_train_args(dict(data.get("train") or {}), f"{where}: train"))
+    arm_args = {}
+    for arm, args in (data.get("arm_args") or {}).items():
+        if arm not in ARMS:
+            raise ConfigError(f"{where}: arm_args: unknown arm {arm!r}")
+        arm_args[arm] = _coerce_train_args(dict(args or {}), f"{where}: arm_args.{arm}")
+    if "cat_gamma" in arm_args.get("baseline", {}):
+        raise ConfigError(f"{where}: the baseline arm always has cat_gamma 0")
+    ev = dict(DEFAULT_EVAL)
+    ev_raw = data.get("eval") or {}
+    if set(ev_raw) - set(DEFAULT_EVAL):
+        raise ConfigError(f"{where}: eval: unknown fields {sorted(set(ev_raw) - set(DEFAULT_EVAL))}")
+    ev.update(ev_raw)
+    output = Path(data.get("output") or f"{name}_results")
+    threads = data.get("threads")
+    return ExperimentConfig(
+        name=name, output=output, seeds=_seeds(data.get("seeds", 1), f"{where}: seeds"), arms=list(arms),
+        models=model_entries, tasks=task_entries, train=train, arm_args=arm_args, eval=ev,
+        save_models=bool(data.get("save_models", False)), save_predictions=bool(data.get("save_predictions", False)),
+        threads=int(threads) if threads else None, path=path,
+    )
+
+
+def load_config(spec: str | os.PathLike) -> ExperimentConfig:
+    """Read and check an experiment config (YAML or JSON; ``builtin:NAME`` for shipped ones)."""
+    path = resolve_config_path(spec)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(data, path)
+
+
+def plan(config: ExperimentConfig) -> list[RunSpec]:
+    """Every run, in execution order: task, model, seed, then arm (so that the arms of a
+    seed finish together and paired differences grow run by run)."""
+    return [RunSpec(t.label, m.label, arm, seed)
+            for t in config.tasks for m in config.models for seed in config.seeds for arm in config.arms]
+
+
+def train_args_for(config: ExperimentConfig, entry: TaskEntry, arm: str) -> dict:
+    args = dict(config.train)
+    args.update(entry.train_args)
+    args.update(config.arm_args.get(arm, {}))
+    if arm == "baseline":
+        args["cat_gamma"] = 0.0
+    return args
+
+
+def settings_hash(config: ExperimentConfig, entry: TaskEntry, model: ModelEntry, arm: str) -> str:
+    blob = json.dumps({"task": entry.raw, "model": model.raw, "train": train_args_for(config, entry, arm),
+                       "eval": config.eval}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- results file
+
+
+def read_results(path: str | os.PathLike, repair: bool = False) -> tuple[list[dict], int]:
+    """Finished runs from a results JSONL, and how many lines were unusable (a line cut
+    by a kill). With ``repair``, the file is rewritten without them (atomically)."""
+    path = Path(path)
+    if not path.exists():
+        return [], 0
+    raw = path.read_text(encoding="utf-8")
+    good, bad, seen = [], 0, set()
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            key = (obj["task"], obj["model"], obj["arm"], int(obj["seed"]))
+            obj["tests"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            bad += 1
+            continue
+        if key in seen:  # two processes on one output: keep the first
+            bad += 1
+            continue
+        seen.add(key)
+        good.append(obj)
+    if repair and (bad or (raw and not raw.endswith("\n"))):
+        atomic_write_text(path, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in good))
+    return good, bad
+
+
+def append_result(path: Path, result: dict) -> None:
+    """One line, flushed and synced: a kill leaves at most this line half-written."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(result, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------- statistics
+
+# Two-sided 95% quantiles of Student's t, df 1..30.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError("df must be >= 1")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964  # Cornish-Fisher expansion around the normal quantile; < 1e-3 off for df > 30
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95% t-interval (NaN bounds with one pair)."""
+    n = len(diffs)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = statistics.fmean(diffs)
+    if n == 1:
+        return mean, math.nan, math.nan
+    half = t_quantile_975(n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def summarize(results: list[dict], config: ExperimentConfig | None = None) -> list[dict]:
+    """One row per (task, model, test set): each arm's mean/std over seeds, the mean
+    test-set attention ratio, and the paired differences CAT - baseline / CAT - placebo."""
+    groups: dict[tuple[str, str, str], dict[str, dict[int, dict]]] = {}
+    for r in results:
+        for test, res in r["tests"].items():
+            groups.setdefault((r["task"], r["model"], test), {}).setdefault(r["arm"], {})[int(r["seed"])] = res
+
+    def order(key):
+        if config is None:
+            return (0, key)
+        tasks = [t.label for t in config.tasks]
+        models = [m.label for m in config.models]
+        t = tasks.index(key[0]) if key[0] in tasks else len(tasks)
+        m = models.index(key[1]) if key[1] in models else len(models)
+        tests = next((list(e.tests) for e in config.tasks if e.label == key[0]), [])
+        s = tests.index(key[2]) if key[2] in tests else len(tests)
+        return (t, m, s, key)
+
+    rows = []
+    for key in sorted(groups, key=order):
+        arms = groups[key]
+        row: dict[str, Any] = {"task": key[0], "model": key[1], "test": key[2]}
+        for arm in ARMS:
+            by_seed = arms.get(arm, {})
+            accs = [v["accuracy"] for v in by_seed.values()]
+            ratios = [v["attention_ratio"] for v in by_seed.values() if v.get("attention_ratio") is not None]
+            row[f"{arm}_n"] = len(accs)
+            row[f"{arm}_mean"] = statistics.fmean(accs) if accs else math.nan
+            row[f"{arm}_std"] = statistics.stdev(accs) if len(accs) > 1 else math.nan
+            row[f"{arm}_attn_ratio"] = statistics.fmean(ratios) if ratios else math.nan
+        for other in ("baseline", "placebo"):
+            a, b = arms.get("cat", {}), arms.get(other, {})
+            seeds = sorted(set(a) & set(b))
+            mean, lo, hi = paired_interval([a[s]["accuracy"] - b[s]["accuracy"] for s in seeds])
+            row[f"cat_minus_{other}"] = mean
+            row[f"cat_minus_{other}_lo"] = lo
+            row[f"cat_minus_{other}_hi"] = hi
+            row[f"cat_minus_{other}_pairs"] = len(seeds)
+        rows.append(row)
+    return rows
+
+
+CSV_COLUMNS = (["task", "model", "test"]
+               + [f"{a}_{s}" for a in ARMS for s in ("n", "mean", "std", "attn_ratio")]
+               + [f"cat_minus_{o}{s}" for o in ("baseline", "placebo") for s in ("", "_lo", "_hi", "_pairs")])
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}"
+
+
+def _signed(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:+.1f}"
+
+
+def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str] | None = None) -> str:
+    arms = arms or list(ARMS)
+    head = ["task", "model", "test", "seeds"] + [a for a in arms]
+    diffs = [o for o in ("baseline", "placebo") if "cat" in arms and o in arms]
+    head += [f"CAT - {o} [95% CI]" for o in diffs]
+    lines = [f"# {title}", "",
+             "Accuracy in %: mean ± standard deviation over seeds. Differences are paired by seed, "
+             "with a 95% t-interval over the seeds (needs at least 2 pairs).", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["task"], r["model"], r["test"], str(max(r[f"{a}_n"] for a in arms))]
+        for a in arms:
+            if r[f"{a}_n"] == 0:
+                cells.append("-")
+            else:
+                std = "" if math.isnan(r[f"{a}_std"]) else f" ± {_pct(r[f'{a}_std'])}"
+                cells.append(f"{_pct(r[f'{a}_mean'])}{std}")
+        for o in diffs:
+            m, lo, hi = r[f"cat_minus_{o}"], r[f"cat_minus_{o}_lo"], r[f"cat_minus_{o}_hi"]
+            ci = "" if math.isnan(lo) else f" [{_signed(lo)}, {_signed(hi)}]"
+            cells.append(f"{_signed(m)}{ci}")
+        lines.append("| " + " | ".join(cells) + " |")
+    ratio_arms = [a for a in arms if any(not math.isnan(r[f"{a}_attn_ratio"]) for r in rows)]
+    if ratio_arms:
+        lines += ["", "Mean causal/non-causal attention ratio on each test set's annotation (CAT_METHOD.md "
+                  "section 3: a1/a0 over the rows that produce annotated keys):", "",
+                  "| task | model | test | " + " | ".join(ratio_arms) + " |",
+                  "|---|---|---|" + "|".join("---" for _ in ratio_arms) + "|"]
+        for r in rows:
+            vals = ["-" if math.isnan(r[f"{a}_attn_ratio"]) else f"{r[f'{a}_attn_ratio']:.2f}" for a in ratio_arms]
+            lines.append(f"| {r['task']} | {r['model']} | {r['test']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def write_summary(out: Path, results: list[dict], config: ExperimentConfig | None = None) -> list[dict]:
+    rows = summarize(results, config)
+    title = f"Experiment {config.name}" if config else "Experiment"
+    atomic_write_text(out / "summary.md", summary_markdown(rows, title, config.arms if config else None))
+    atomic_write_text(out / "summary.csv", summary_csv(rows))
+    return rows
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class TaskData:
+    train: list[Record]
+    tests: dict[str, list[Record]]
+    tokenizer_texts: list[str]
+
+
+def load_task_data(entry: TaskEntry, need_tokenizer_texts: bool = True) -> TaskData:
+    train = entry.task.load(entry.train_split, limit=entry.train_limit)
+    if not train:
+        raise ConfigError(f"task {entry.label}: the training split {entry.train_split!r} is empty")
+    tests = {name: entry.task.load(split, limit=entry.test_limit) for name, split in entry.tests.items()}
+    texts = entry.task.tokenizer_texts() if need_tokenizer_texts else []
+    return TaskData(train=train, tests=tests, tokenizer_texts=texts or [r.text for r in train])
+
+
+def _build_model(model: ModelEntry, data: TaskData, seed: int):
+    if model.is_tiny:
+        from .tiny import build
+
+        return build(data.tokenizer_texts, seed=seed, **model.tiny)
+    from .commands.common import load_model
+
+    m, tok = load_model(model.path, trust_remote_code=model.trust_remote_code)
+    if model.lora is not None:
+        from .trainer import lora_model
+
+        m = lora_model(m, **model.lora)
+    return m, tok
+
+
+def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry, spec: RunSpec, data: TaskData,
+            out: Path, progress: bool = False) -> dict:
+    """Train one arm on one seed and evaluate it on every test set: the result line."""
+    from .evaluate import evaluate
+    from .trainer import CATConfig, CATTrainer
+
+    started = time.time()
+    model, tok = _build_model(model_entry, data, spec.seed)
+    train = data.train
+    placebo_counts: dict[str, int] = {}
+    if spec.arm == "placebo":
+        train = placebo_records(train, entry.task, seed=spec.seed, tokenizer=tok, counts=placebo_counts)
+    args = train_args_for(config, entry, spec.arm)
+    tmp = tempfile.mkdtemp(prefix=f".{spec.run_id}.", dir=out)
+    try:
+        kw = {"disable_tqdm": not progress, **args,
+              "output_dir": tmp, "seed": spec.seed, "save_strategy": "no", "report_to": []}
+        targs = CATConfig(**kw)
+        trainer = CATTrainer(model=model, args=targs, train_dataset=train, processing_class=tok)
+        trainer.train()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    train_seconds = time.time() - started
+    history = trainer.state.log_history
+    if config.save_models:
+        model_dir = out / "models" / spec.run_id
+        trainer.save_model(str(model_dir))
+        tok.save_pretrained(str(model_dir))
+    tests, predictions = {}, {}
+    for name, records in data.tests.items():
+        res = evaluate(model, tok, records, checker=entry.task.checker_fn, batch_size=config.eval["batch_size"],
+                       max_new_tokens=config.eval["max_new_tokens"], progress=progress,
+                       desc=f"{spec.run_id} {name}")
+        tests[name] = {"accuracy": res.accuracy, "n": res.n, "correct": res.correct,
+                       "attention_ratio": res.attention_ratio}
+        predictions[name] = res.predictions
+    log_path = out / "logs" / f"{spec.run_id}.json"
+    atomic_write_text(log_path, json.dumps({"run": dataclasses.asdict(spec), "encode": trainer.encode_stats,
+                                            "log_history": history}, indent=1) + "\n")
+    if config.save_predictions:
+        atomic_write_text(out / "predictions" / f"{spec.run_id}.jsonl", "".join(
+            json.dumps({"test": name, **p}, ensure_ascii=False) + "\n"
+            for name, preds in predictions.items() for p in preds))
+    ratios = [h["attn_ratio"] for h in history if "attn_ratio" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {
+        "task": spec.task, "model": spec.model, "arm": spec.arm, "seed": spec.seed,
+        "tests": tests,
+        "train_split": entry.train_split, "n_train": len(train),
+        "steps": trainer.state.global_step,
+        "final_loss": losses[-1] if losses else None,
+        "final_train_attn_ratio": ratios[-1] if ratios else None,
+        "cat_gamma": args["cat_gamma"],
+        "placebo": placebo_counts or None,
+        "encode": trainer.encode_stats.get("train"),
+        "settings": settings_hash(config, entry, model_entry, spec.arm),
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.time() - started, 1),
+        "log": str(log_path.relative_to(out)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+@dataclass
+class ExperimentReport:
+    out: Path
+    planned: list[RunSpec]
+    ran: list[RunSpec] = field(default_factory=list)
+    skipped: list[RunSpec] = field(default_factory=list)
+    dropped_lines: int = 0
+    changed: list[RunSpec] = field(default_factory=list)  # finished under other settings
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.ran) + len(self.skipped) == len(self.planned)
+
+
+def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = None, max_runs: int | None = None,
+                   dry_run: bool = False, log: Callable[[str], None] | None = None,
+                   progress: bool = False) -> ExperimentReport:
+    """Run every planned run not yet in ``OUT/results.jsonl``; see the module docstring."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out) if out is not None else config.output
+    results_path = out / RESULTS
+    runs = plan(config)
+    report = ExperimentReport(out=out, planned=runs)
+    done, bad = read_results(results_path, repair=not dry_run)
+    report.dropped_lines = bad
+    if bad:
+        log(f"{results_path}: dropped {bad} unusable line(s) (a run cut off mid-write); those runs run again")
+    finished = {(r["task"], r["model"], r["arm"], int(r["seed"])): r for r in done}
+    entries = {t.label: t for t in config.tasks}
+    models = {m.label: m for m in config.models}
+    todo = []
+    for spec in runs:
+        if spec.key in finished:
+            report.skipped.append(spec)
+            expected = settings_hash(config, entries[spec.task], models[spec.model], spec.arm)
+            if finished[spec.key].get("settings") not in (None, expected):
+                report.changed.append(spec)
+        else:
+            todo.append(spec)
+    if report.changed:
+        log(f"warning: {len(report.changed)} finished run(s) used other settings than the config now has "
+            f"(e.g. {report.changed[0].run_id}); they are kept. Delete their lines from {results_path} or use "
+            "another output directory to run them again.")
+    log(f"experiment {config.name}: {len(runs)} runs, {len(report.skipped)} already finished, {len(todo)} to run "
+        f"-> {out}")
+    if dry_run:
+        for spec in runs:
+            log(f"  {'done' if spec.key in finished else 'todo'}  {spec.run_id}")
+        return report
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    if max_runs is not None:
+        todo = todo[:max_runs]
+    cache: dict[str, TaskData] = {}
+    results = list(done)
+    started = time.time()
+    for i, spec in enumerate(todo, 1):
+        entry, model_entry = entries[spec.task], models[spec.model]
+        if spec.task not in cache:
+            cache.clear()  # one task's data in memory at a time (runs are ordered by task)
+            cache[spec.task] = load_task_data(entry, need_tokenizer_texts=any(m.is_tiny for m in config.models))
+        log(f"[{time.time() - started:6.0f}s] run {i}/{len(todo)}: {spec.run_id}")
+        result = run_one(config, entry, model_entry, spec, cache[spec.task], out, progress=progress)
+        append_result(results_path, result)
+        results.append(result)
+        report.ran.append(spec)
+        accs = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in result["tests"].items())
+        log(f"          {spec.run_id}: {accs} ({result['seconds']:.0f}s)")
+        report.rows = write_summary(out, results, config)
+    report.rows = write_summary(out, results, config) if results else []
+    return report
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Run a grid of tasks x models x arms {baseline, cat, placebo} x seeds from a YAML config, "
+        "resumably: results.jsonl gets one line per finished run, summary.md/summary.csv the table "
+        "(mean ± std over seeds, CAT - baseline and CAT - placebo with 95%% intervals). "
+        "Shipped config: builtin:stg (the STG table on the embedded model). Format: docs/experiments.md.",
+    )
+    p.add_argument("config", help="experiment YAML/JSON file, or builtin:NAME for a shipped one")
+    p.add_argument("--out", help="output directory (default: the config's 'output', relative to the current directory)")
+    p.add_argument("--seeds", type=int, metavar="N", help="override the config's seeds with 0..N-1")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's 'threads', else torch's)")
+    p.add_argument("--max-runs", type=int, metavar="N", help="stop after N new runs (run again to continue)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; train nothing")
+    p.add_argument("--summary-only", action="store_true", help="rewrite summary.md/summary.csv from results.jsonl")
+    p.add_argument("--progress", action="store_true", help="show training and evaluation progress bars")
+    return p
+
+
+def run(args) -> int:
+    config = load_config(args.config)
+    if args.seeds is not None:
+        config.seeds = _seeds(args.seeds, "--seeds")
+    if args.threads:
+        config.threads = args.threads
+    out = Path(args.out) if args.out else config.output
+    if args.summary_only:
+        results, bad = read_results(out / RESULTS)
+        if not results:
+            print(f"no finished runs in {out / RESULTS}", file=sys.stderr)
+            return 1
+        rows = write_summary(out, results, config)
+        print(summary_markdown(rows, f"Experiment {config.name}", config.arms))
+        return 0
+    report = run_experiment(config, out=out, max_runs=args.max_runs, dry_run=args.dry_run, progress=args.progress)
+    if args.dry_run:
+        return 0
+    if report.rows:
+        print(summary_markdown(report.rows, f"Experiment {config.name}", config.arms))
+    remaining = len(report.planned) - len(report.ran) - len(report.skipped)
+    print(f"{len(report.ran)} run(s) done now, {len(report.skipped)} earlier, {remaining} left; "
+          f"results in {out / RESULTS}, table in {out / 'summary.md'} and {out / 'summary.csv'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,382 @@
+"""``cattune explain``: where a model looks when it produces an answer.
+
+- :func:`explain_record` / :func:`plot_explanation`: a heatmap of the attention of the
+  answer-producing rows (the positions that predict each answer token) over the prompt
+  tokens, averaged over layers and heads (``cattune.attention.AttentionProbe``), the
+  record's causal spans marked (placed with ``cattune.masks.encode_record``), token
+  labels on the x axis and a bar strip of the mean attention per prompt token.
+- :func:`plot_ratio_curve`: the causal/non-causal attention ratio (``attn_ratio``) over
+  training steps, from a trainer's ``log_history``, a ``train_report.json`` of
+  ``cattune train`` or a ``logs/RUN.json`` of ``cattune experiment``.
+
+Both write PNGs with matplotlib's Agg canvas (no display needed), atomically.
+
+    cattune explain --model out/model --data ood_test.jsonl --record 3 --out rec3.png
+    cattune explain --data STG_E:ood_test --model out/model --record 0 --out r0.png --use-prediction
+    cattune explain --log results/logs/E__tiny__cat__seed0.json --log results/logs/E__tiny__placebo__seed0.json \\
+        --out ratio.png --alpha 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .records import Record
+
+CAUSAL_COLOR = "#d62728"
+OTHER_ANNOTATED_COLOR = "#ff9896"
+PLAIN_COLOR = "#7f7f7f"
+
+
+@dataclass
+class Explanation:
+    prompt_tokens: list[str]  # labels of the prompt tokens (the heatmap's columns)
+    answer_tokens: list[str]  # the answer tokens each row predicts (the heatmap's rows)
+    weights: list[list[float]]  # [answer rows][prompt tokens], mean over layers and heads
+    causal_columns: list[int]  # prompt tokens the answer rows must attend to (annotation)
+    annotated_columns: list[int]  # other annotated value tokens (keys inside the prompt)
+    special_columns: list[int]  # BOS and other special tokens
+    target: str
+    prediction: str | None
+    answer_source: str  # "target" or "prediction": which answer the rows produce
+    record_index: int | None = None
+    unaligned: list = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        """Mean attention on causal columns / mean on the other prompt columns (a1/a0)."""
+        import numpy as np
+
+        w = np.asarray(self.weights)
+        if not self.causal_columns or w.size == 0:
+            return None
+        mask = np.zeros(w.shape[1], dtype=bool)
+        mask[self.causal_columns] = True
+        if mask.all():
+            return None
+        return float(w[:, mask].mean() / max(w[:, ~mask].mean(), 1e-12))
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+def _label(text: str) -> str:
+    if not text:
+        return "∅"
+    if not text.strip():
+        return "␣" * len(text) if len(text) <= 3 else f"␣x{len(text)}"
+    return text.replace("\n", "⏎").strip()
+
+
+def explain_record(model, tokenizer, record: Record, use_prediction: bool = False, span_columns: str = "all",
+                   max_new_tokens: int | None = None, record_index: int | None = None) -> Explanation:
+    """Attention of the rows producing ``record``'s answer over its prompt tokens.
+
+    The answer is the record's target (teacher forcing), or with ``use_prediction`` the
+    model's own greedy answer (what it looked at when it answered, right or wrong).
+    """
+    import torch
+
+    from .attention import AttentionProbe, use_row_probe
+    from .evaluate import generate_answers
+    from .masks import encode_record
+    from .trainer import prepare_tokenizer
+
+    prepare_tokenizer(tokenizer)
+    use_row_probe(model)
+    was_training = model.training
+    model.eval()
+    try:
+        if max_new_tokens is None:
+            max_new_tokens = len(tokenizer(record.target, add_special_tokens=False)["input_ids"]) + 4
+        prediction = generate_answers(model, tokenizer, [record.prompt], batch_size=1,
+                                      max_new_tokens=max_new_tokens, progress=False)[0]
+        answer, source = record.target, "target"
+        if use_prediction and prediction:
+            # generate_answers strips the decoded text; keep the separator the target had
+            lead = record.target[: len(record.target) - len(record.target.lstrip())]
+            answer, source = lead + prediction, "prediction"
+        # Causal columns come from the record as annotated; the prompt's tokens are the
+        # same whatever answer follows (prompt and answer are tokenized separately).
+        annotated = encode_record(tokenizer, record, span_columns=span_columns, add_eos=False)
+        shown = encode_record(tokenizer, Record(prompt=record.prompt, target=answer), add_eos=False)
+        n_prompt = sum(1 for x in shown.labels if x == -100)
+        rows = [j - 1 for j in range(1, len(shown.input_ids)) if shown.labels[j] != -100]
+        if not rows:
+            raise ValueError("the answer has no tokens to explain (empty target)")
+        ids = torch.tensor([shown.input_ids], device=next(model.parameters()).device)
+        probe = AttentionProbe(torch.tensor([rows], device=ids.device), detach=True)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), cat_probe=probe, use_cache=False)
+        attn = probe.result()[0, :, :n_prompt].float().cpu()
+    finally:
+        model.train(was_training)
+
+    enc = tokenizer(record.prompt, add_special_tokens=True, return_offsets_mapping=True)
+    prompt_ids = list(enc["input_ids"])
+    if prompt_ids != shown.input_ids[:n_prompt]:  # pragma: no cover - guards a tokenizer surprise
+        raise RuntimeError("prompt tokens differ between encodings")
+    labels, special = [], []
+    for i, (tid, (s, e)) in enumerate(zip(prompt_ids, enc["offset_mapping"])):
+        if e > s:
+            labels.append(_label(record.prompt[s:e]))
+        else:
+            labels.append(tokenizer.convert_ids_to_tokens(tid))
+            special.append(i)
+    answer_rows = set(rows)
+    causal = sorted({c for r, c in annotated.pairs if r in answer_rows and c < n_prompt})
+    others = sorted({c for r, c in annotated.pairs if c < n_prompt} - set(causal))
+    answer_ids = [shown.input_ids[r + 1] for r in rows]
+    answer_tokens = [_label(tokenizer.decode([t])) for t in answer_ids]
+    return Explanation(prompt_tokens=labels, answer_tokens=answer_tokens, weights=attn.tolist(),
+                       causal_columns=causal, annotated_columns=others, special_columns=special,
+                       target=record.target, prediction=prediction, answer_source=source,
+                       record_index=record_index, unaligned=[list(u) for u in annotated.unaligned])
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def save_png(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Render ``fig`` to PNG and write it atomically (temp file + rename)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plot_explanation(expl: Explanation, out_png: str | os.PathLike, title: str | None = None,
+                     show_special: bool = False) -> Path:
+    """Heatmap (answer rows x prompt tokens) with causal columns in red, plus a bar strip
+    of the mean attention per prompt token. Special tokens (BOS: usually an attention
+    sink that flattens the colour scale) are left out unless ``show_special``."""
+    import numpy as np
+
+    w = np.asarray(expl.weights, dtype=float)
+    cols = [i for i in range(w.shape[1]) if show_special or i not in set(expl.special_columns)]
+    if not cols:
+        raise ValueError("the prompt has no tokens to show")
+    w = w[:, cols]
+    labels = [expl.prompt_tokens[i] for i in cols]
+    causal, annotated = set(expl.causal_columns), set(expl.annotated_columns)
+    colors = [CAUSAL_COLOR if i in causal else OTHER_ANNOTATED_COLOR if i in annotated else PLAIN_COLOR
+              for i in cols]
+    n, r = len(cols), w.shape[0]
+    per_token = 0.16 if n <= 150 else 0.11
+    width = min(max(6.0, 1.5 + per_token * n), 48.0)
+    font = 8 if n <= 150 else 6
+    height = 2.6 + 0.3 * r + 0.06 * max(len(s) for s in labels)
+    fig = _figure(width, min(height, 20.0))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1, max(1.2, 0.35 * r)], width_ratios=[40, 1], hspace=0.05,
+                            wspace=0.02)
+    bar_ax = fig.add_subplot(grid[0, 0])
+    ax = fig.add_subplot(grid[1, 0], sharex=bar_ax)
+    cax = fig.add_subplot(grid[1, 1])
+    x = np.arange(n)
+    bar_ax.bar(x, w.mean(axis=0), color=colors, width=0.85)
+    bar_ax.set_ylabel("mean", fontsize=font)
+    bar_ax.tick_params(axis="x", labelbottom=False)
+    bar_ax.tick_params(axis="y", labelsize=font)
+    bar_ax.set_xlim(-0.5, n - 0.5)
+    im = ax.imshow(w, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, cax=cax).ax.tick_params(labelsize=font)
+    j = 0
+    while j < n:  # outline each run of adjacent causal columns
+        if cols[j] in causal:
+            k = j
+            while k + 1 < n and cols[k + 1] in causal:
+                k += 1
+            ax.add_patch(_rect(j - 0.5, -0.5, k - j + 1, r, CAUSAL_COLOR))
+            j = k
+        j += 1
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=90, fontsize=font)
+    for tick, c in zip(ax.get_xticklabels(), colors):
+        tick.set_color(c)
+        if c == CAUSAL_COLOR:
+            tick.set_fontweight("bold")
+    ax.set_yticks(np.arange(r))
+    ax.set_yticklabels([f"→ {t}" for t in expl.answer_tokens], fontsize=font)
+    ax.set_ylabel(f"answer rows ({expl.answer_source})", fontsize=font)
+    if title is None:
+        idx = "" if expl.record_index is None else f"record {expl.record_index}: "
+        ratio = expl.ratio
+        title = (f"{idx}target {expl.target!r}, model answers {expl.prediction!r}"
+                 + (f"; causal/other attention {ratio:.2f}" if ratio is not None else "; no causal columns"))
+    bar_ax.set_title(title + "\n(red: causal spans of the answer; pink: other annotated values; "
+                     "attention averaged over layers and heads)", fontsize=font + 1)
+    fig.subplots_adjust(left=min(0.25, 1.2 / width), right=0.97, top=0.9, bottom=0.2)
+    return save_png(fig, out_png)
+
+
+def _rect(x, y, w, h, color):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), w, h, fill=False, edgecolor=color, linewidth=1.0)
+
+
+# --------------------------------------------------------------------------- ratio curve
+
+
+def read_log_history(source: Any) -> list[dict]:
+    """A log history from a list of dicts, a trainer, or a JSON file holding a list or an
+    object with ``log_history`` (``train_report.json``, ``cattune experiment`` logs)."""
+    if hasattr(source, "state") and hasattr(source.state, "log_history"):
+        return list(source.state.log_history)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such log file")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+        if isinstance(data, dict):
+            if "log_history" not in data:
+                raise ValueError(f"{path}: no 'log_history' in the file (expected train_report.json or a "
+                                 "cattune experiment log)")
+            data = data["log_history"]
+        source = data
+    if not isinstance(source, list) or not all(isinstance(h, dict) for h in source):
+        raise ValueError("a log history is a list of dicts (trainer.state.log_history)")
+    return source
+
+
+def ratio_points(history: list[dict]) -> tuple[list[float], list[float]]:
+    pts = [(h.get("step", i), h["attn_ratio"]) for i, h in enumerate(history) if "attn_ratio" in h]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_ratio_curve(source: Any, out_png: str | os.PathLike, alpha: float | None = None,
+                     title: str | None = None) -> Path:
+    """The causal/non-causal attention ratio over training steps.
+
+    ``source``: a log history, a trainer, a path to ``train_report.json`` (or an
+    experiment's ``logs/RUN.json``), or a mapping ``{label: source}`` for several curves
+    (e.g. the cat and placebo arms of one seed). ``alpha``: draw the target ratio.
+    """
+    if isinstance(source, Mapping):
+        curves = {str(k): read_log_history(v) for k, v in source.items()}
+    else:
+        label = Path(source).stem if isinstance(source, (str, os.PathLike)) else "attn_ratio"
+        curves = {label: read_log_history(source)}
+    series = {k: ratio_points(h) for k, h in curves.items()}
+    empty = [k for k, (xs, _) in series.items() if not xs]
+    if empty:
+        raise ValueError(f"no attn_ratio entries in the log of {', '.join(empty)}: was it trained with CATTrainer "
+                         "on annotated records (the ratio is logged every logging_steps)?")
+    fig = _figure(7, 4)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+    ax.axhline(1.0, color=PLAIN_COLOR, linestyle=":", linewidth=1, label="no preference (1)")
+    if alpha is not None:
+        ax.axhline(alpha, color=CAUSAL_COLOR, linestyle="--", linewidth=1, label=f"alpha = {alpha:g}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("causal / other attention (a1/a0)")
+    ax.set_title(title or "Attention on causal tokens during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, out_png)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def load_data(spec: str) -> list[Record]:
+    """A JSONL file, or TASK:SPLIT from the task registry (e.g. STG_E:ood_test)."""
+    from .records import load_records
+    from .tasks import get_task
+
+    if Path(spec).exists() or ":" not in spec:
+        return load_records(spec)
+    task, split = spec.rsplit(":", 1)
+    return get_task(task).load(split)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Attention reports. With --model/--data: a heatmap PNG of the answer rows' attention over the "
+        "prompt tokens of one record (mean over layers and heads), causal spans marked. With --log: the "
+        "causal/non-causal attention ratio over training steps.",
+    )
+    p.add_argument("--out", required=True, help="PNG file to write")
+    heat = p.add_argument_group("heatmap of one record")
+    heat.add_argument("--model", help="model directory (or hub id) with its tokenizer")
+    heat.add_argument("--data", help="JSONL records (paper format) or TASK:SPLIT (e.g. STG_E:ood_test)")
+    heat.add_argument("--record", type=int, default=0, help="0-based index of the record (default: 0)")
+    heat.add_argument("--use-prediction", action="store_true",
+                      help="rows producing the model's own greedy answer instead of the target")
+    heat.add_argument("--span-columns", choices=("all", "last"), default="all",
+                      help="value tokens marked causal: the whole span or its last token (default: all)")
+    heat.add_argument("--show-special", action="store_true", help="also show BOS and other special tokens")
+    heat.add_argument("--json", metavar="FILE", help="also write the numbers (tokens, weights, columns) as JSON")
+    heat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")
+    curve = p.add_argument_group("attention ratio over training")
+    curve.add_argument("--log", action="append", metavar="FILE",
+                       help="train_report.json or an experiment logs/RUN.json; repeat to overlay curves")
+    curve.add_argument("--alpha", type=float, help="draw the target ratio alpha")
+    return p
+
+
+def run(args) -> int:
+    if args.log:
+        if args.model or args.data:
+            raise ValueError("give either --log (ratio curve) or --model/--data (heatmap), not both")
+        source = {Path(f).stem: f for f in args.log} if len(args.log) > 1 else args.log[0]
+        path = plot_ratio_curve(source, args.out, alpha=args.alpha)
+        print(f"wrote {path}")
+        return 0
+    if not args.model or not args.data:
+        raise ValueError("a heatmap needs --model and --data (or give --log for a ratio curve)")
+    records = load_data(args.data)
+    if not 0 <= args.record < len(records):
+        raise ValueError(f"--record {args.record} is out of range: {args.data} has {len(records)} records")
+    import torch
+
+    from .commands.common import load_model
+
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    expl = explain_record(model, tok, records[args.record], use_prediction=args.use_prediction,
+                          span_columns=args.span_columns, record_index=args.record)
+    path = plot_explanation(expl, args.out, show_special=args.show_special)
+    if args.json:
+        from .records import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(expl.to_json(), ensure_ascii=False) + "\n")
+    if expl.unaligned:
+        print(f"note: {len(expl.unaligned)} annotated pair(s) could not be placed: {expl.unaligned[:3]}",
+              file=sys.stderr)
+    ratio = expl.ratio
+    print(f"wrote {path}: target {expl.target!r}, prediction {expl.prediction!r}"
+          + (f", causal/other attention {ratio:.2f}" if ratio is not None else ""))
+    return 0

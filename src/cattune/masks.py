@@ -1,0 +1,274 @@
+"""Token-level causal structure from word-level annotations, by character offsets.
+
+For every occurrence of a KEY at tokens [k, k+n) and every occurrence of a VALUE at
+tokens [v, v+m) with v + m <= k, the rows k-1 .. k+n-2 (the positions that *predict*
+the key's tokens) get the value's tokens as causal columns (CAT_METHOD.md section 2).
+Text is located by character offsets from the tokenizer, so any fast tokenizer works
+without per-model special cases.
+
+``span_columns`` decides which of a value's tokens become columns:
+
+- ``"all"``: every token of the span (the paper).
+- ``"last"``: the span's last token only. In a left-to-right model only the position
+  at the end of a span has seen all of it; earlier positions (the "Smoking:" of
+  "Smoking: 8") cannot carry the value, yet attending to them satisfies the loss.
+  Measured on STG_E, "all" leaves CAT no better than plain fine-tuning out of
+  distribution while "last" is what makes it work (README, "Spans to columns").
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import torch
+
+from .records import Record
+
+SPAN_COLUMNS = ("all", "last")
+
+
+@dataclass
+class EncodedRecord:
+    input_ids: list[int]
+    labels: list[int]
+    # COO pairs (row, col) of the causal structure, rows already shifted by one.
+    pairs: list[tuple[int, int]]
+    unaligned: list[tuple[str, str, str]] = field(default_factory=list)
+    truncated: bool = False
+    n_pairs: int = 0  # (key, value) pairs the annotation asked for
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def rows(self) -> list[int]:
+        """Supervised rows, sorted."""
+        return sorted({r for r, _ in self.pairs})
+
+    def columns(self, row: int) -> list[int]:
+        return sorted(c for r, c in self.pairs if r == row)
+
+    def causal_mask(self) -> torch.Tensor:
+        """Dense [L, L] bool adjacency matrix M (lower-triangular)."""
+        n = len(self.input_ids)
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        if self.pairs:
+            idx = torch.tensor(self.pairs, dtype=torch.long)
+            mask[idx[:, 0], idx[:, 1]] = True
+        return mask
+
+
+def _is_word_char(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def find_occurrences(text: str, needle: str) -> list[tuple[int, int]]:
+    """Character spans of ``needle`` in ``text`` that are not inside a longer word or number.
+
+    "and" does not match inside "band", "3.4" not inside "33.4"; a needle that starts or
+    ends with punctuation or space only needs the text to match there.
+    """
+    if not needle:
+        return []
+    out = []
+    start = text.find(needle)
+    while start != -1:
+        end = start + len(needle)
+        left_ok = start == 0 or not (_is_word_char(needle[0]) and _is_word_char(text[start - 1]))
+        right_ok = end == len(text) or not (_is_word_char(needle[-1]) and _is_word_char(text[end]))
+        # "4" must not match the "4" in "4.5", "3.4", "-4" or "3-4": a number is a number
+        # with its dot and sign. Only a hyphen after a letter ("COVID-19") leaves it alone.
+        if left_ok and needle[0].isdigit() and start >= 1:
+            before, before2 = text[start - 1], text[start - 2] if start >= 2 else ""
+            if (before == "." and before2.isdigit()) or (before == "-" and not before2.isalpha()):
+                left_ok = False
+        if right_ok and needle[-1].isdigit() and end + 1 < len(text) and text[end] == "." and text[end + 1].isdigit():
+            right_ok = False
+        if left_ok and right_ok:
+            out.append((start, end))
+        start = text.find(needle, start + 1)
+    return out
+
+
+class _Offsets:
+    """Maps character spans to token spans for one tokenized text.
+
+    ``kept`` is the character range that survived truncation: a span reaching outside it
+    lost some of its tokens and is not placed at all (half a "Smoking: 8" is no value).
+    """
+
+    def __init__(self, offsets: list[tuple[int, int]], kept: tuple[int, int] = (0, 1 << 62)):
+        self.tokens = [(i, s, e) for i, (s, e) in enumerate(offsets) if e > s]  # skip specials
+        self.starts = [s for _, s, _ in self.tokens]
+        self.ends = [e for _, _, e in self.tokens]
+        self.kept = kept
+
+    def is_cut(self, start: int, end: int) -> bool:
+        return start < self.kept[0] or end > self.kept[1]
+
+    def span(self, start: int, end: int) -> tuple[int, int] | None:
+        """Token span [a, b) of the tokens overlapping characters [start, end)."""
+        if self.is_cut(start, end):
+            return None
+        lo = bisect.bisect_right(self.ends, start)  # first token ending after `start`
+        hi = bisect.bisect_left(self.starts, end)  # tokens starting before `end`
+        if lo >= hi:
+            return None
+        return self.tokens[lo][0], self.tokens[hi - 1][0] + 1
+
+
+def _tokenize(tokenizer, text: str, add_special_tokens: bool):
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"{type(tokenizer).__name__} is a slow tokenizer: causal masks need character offsets, "
+            "load the fast one (AutoTokenizer.from_pretrained(..., use_fast=True))"
+        )
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def encode_record(
+    tokenizer,
+    record: Record,
+    max_length: int | None = None,
+    span_columns: str = "all",
+    add_eos: bool = True,
+) -> EncodedRecord:
+    """Tokenize ``prompt + target (+ eos)`` and place the record's causal annotation.
+
+    Prompt and target are tokenized separately and concatenated, so the prompt's tokens
+    are exactly those the model sees at generation time. Records longer than
+    ``max_length`` lose prompt tokens from the left (the answer is kept); annotations cut
+    off that way land in ``unaligned``. Nothing here raises on an annotation that
+    cannot be placed: every such pair is reported in ``unaligned`` with the reason.
+    """
+    if span_columns not in SPAN_COLUMNS:
+        raise ValueError(f"span_columns must be one of {SPAN_COLUMNS}, got {span_columns!r}")
+    p_ids, p_off = _tokenize(tokenizer, record.prompt, add_special_tokens=True)
+    t_ids, t_off = _tokenize(tokenizer, record.target, add_special_tokens=False)
+    shift = len(record.prompt)
+    ids = p_ids + t_ids
+    offsets = p_off + [(s + shift, e + shift) if e > s else (0, 0) for s, e in t_off]
+    labels = [-100] * len(p_ids) + list(t_ids)
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        offsets.append((0, 0))
+        labels.append(tokenizer.eos_token_id)
+
+    # Left truncation: keep leading special tokens (BOS) and the answer.
+    truncated = False
+    cut = 0  # tokens removed; positions >= keep_prefix shift left by `cut`
+    keep_prefix = 0
+    while keep_prefix < len(p_off) and p_off[keep_prefix] == (0, 0):
+        keep_prefix += 1
+    kept_lo, kept_hi = 0, 1 << 62  # characters still covered by kept tokens
+    if max_length is not None and len(ids) > max_length:
+        truncated = True
+        cut = len(ids) - max_length
+        if cut > len(p_ids) - keep_prefix:  # even the whole prompt is not enough
+            cut = len(p_ids) - keep_prefix
+        kept_lo = max((e for _, e in offsets[keep_prefix : keep_prefix + cut]), default=0)
+        ids = ids[:keep_prefix] + ids[keep_prefix + cut :]
+        labels = labels[:keep_prefix] + labels[keep_prefix + cut :]
+        offsets = offsets[:keep_prefix] + offsets[keep_prefix + cut :]
+        if len(ids) > max_length:  # the answer alone is too long: cut it from the right
+            kept_hi = min((s for s, e in offsets[max_length:] if e > s), default=kept_hi)
+            ids, labels, offsets = ids[:max_length], labels[:max_length], offsets[:max_length]
+
+    text = record.text
+    full = _Offsets(offsets, kept=(kept_lo, kept_hi))
+    pairs: set[tuple[int, int]] = set()
+    unaligned: list[tuple[str, str, str]] = []
+    n_pairs = 0
+    for key, values in record.important:
+        key_chars = find_occurrences(text, key)
+        key_spans = [full.span(s, e) for s, e in key_chars]
+        for value in values:
+            n_pairs += 1
+            value_chars = find_occurrences(text, value)
+            if not key_chars or not value_chars:
+                missing = "key" if not key_chars else "value"
+                unaligned.append((key, value, f"{missing} not found in text"))
+                continue
+            ordered = [(ks, vs) for ks in key_chars for vs in value_chars if vs[1] <= ks[0]]
+            if not ordered:
+                unaligned.append((key, value, "value not before key"))
+                continue
+            placed = False
+            cut_off = uncovered = False
+            for kc, vc in ordered:
+                ktok = key_spans[key_chars.index(kc)]
+                vtok = full.span(*vc)
+                if ktok is None or vtok is None:
+                    if full.is_cut(*kc) or full.is_cut(*vc):
+                        cut_off = True
+                    else:  # characters no token maps to (a tokenizer that drops them)
+                        uncovered = True
+                    continue
+                (k, k_end), (v, v_end) = ktok, vtok
+                if v_end > k:  # the two spans share a token (then k > 0 too: a row k-1 exists)
+                    continue
+                cols = range(v_end - 1, v_end) if span_columns == "last" else range(v, v_end)
+                for row in range(k - 1, k_end - 1):
+                    pairs.update((row, col) for col in cols)
+                placed = True
+            if not placed:
+                if cut_off:
+                    reason = "cut by max_length"
+                elif uncovered:
+                    reason = "no token covers the text"
+                else:
+                    reason = "value and key share a token"
+                unaligned.append((key, value, reason))
+
+    return EncodedRecord(
+        input_ids=ids,
+        labels=labels,
+        pairs=sorted(pairs),
+        unaligned=unaligned,
+        truncated=truncated,
+        n_pairs=n_pairs,
+    )
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor  # [B, L]
+    rows: torch.Tensor  # [B, R] supervised row positions (padded with L-1)
+    causal: torch.Tensor  # [B, R, L] bool: causal columns of each supervised row
+
+
+def collate(encoded: list[EncodedRecord], pad_token_id: int, padding_side: str = "right") -> Batch:
+    """Pad a list of encoded records into tensors, the causal structure as rows x columns.
+
+    Only supervised rows are kept (R = most supervised rows in one record), which is
+    all the Re-Attention loss needs: [B, R, L] instead of [B, L, L].
+    """
+    if not encoded:
+        raise ValueError("cannot collate an empty batch")
+    B = len(encoded)
+    L = max(len(e) for e in encoded)
+    row_lists = [e.rows for e in encoded]
+    R = max((len(r) for r in row_lists), default=0)
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, L, dtype=torch.long)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    rows = torch.full((B, R), L - 1, dtype=torch.long)
+    causal = torch.zeros(B, R, L, dtype=torch.bool)
+    for b, (e, row_list) in enumerate(zip(encoded, row_lists)):
+        n = len(e)
+        off = L - n if padding_side == "left" else 0
+        input_ids[b, off : off + n] = torch.tensor(e.input_ids)
+        attention_mask[b, off : off + n] = 1
+        labels[b, off : off + n] = torch.tensor(e.labels)
+        if row_list:
+            slot = {row: i for i, row in enumerate(row_list)}
+            rows[b, : len(row_list)] = torch.tensor(row_list) + off
+            idx = torch.tensor([(slot[r], c + off) for r, c in e.pairs], dtype=torch.long)
+            causal[b, idx[:, 0], idx[:, 1]] = True
+    if padding_side == "left":
+        rows[:, :] = torch.where(causal.any(-1), rows, torch.full_like(rows, L - 1))
+    return Batch(input_ids, attention_mask, labels, rows, causal)

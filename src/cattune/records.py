@@ -1,0 +1,176 @@
+"""Training records in the paper's JSONL format, validated on the way in.
+
+A line is ``{"input": PROMPT, "target": ANSWER, "important": ANNOTATION, ...}``.
+``important`` says "when producing KEY, look at VALUE": either a list of one-key
+objects ``[{KEY: [VALUE, ...]}, ...]`` or one object ``{KEY: [...], KEY2: [...]}``.
+Every other field is kept in ``Record.meta`` and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+Annotation = list[tuple[str, list[str]]]
+
+
+class RecordError(ValueError):
+    """A record that does not follow the format; the message names file and line."""
+
+
+@dataclass
+class Record:
+    prompt: str
+    target: str
+    important: Annotation = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    # The JSON value ``target`` came from when it was a number (STG_H's answers are
+    # ints): written back as that number as long as ``target`` still spells it.
+    target_json: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.target
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.meta)
+        out["input"] = self.prompt
+        out["target"] = self.target
+        if self.target_json is not None:
+            try:
+                if _format_target(self.target_json) == self.target:
+                    out["target"] = self.target_json
+            except TypeError:
+                pass
+        if self.important:
+            out["important"] = [{key: list(values)} for key, values in self.important]
+        else:
+            out.pop("important", None)
+        return out
+
+
+def _format_target(value: Any) -> str:
+    if isinstance(value, bool):
+        raise TypeError("a boolean")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError("a non-finite number")
+        return repr(value)
+    raise TypeError(f"a {type(value).__name__}")
+
+
+def normalize_important(raw: Any) -> Annotation:
+    """Turn either accepted shape of ``important`` into ``[(key, [values])]``.
+
+    Raises ``ValueError`` with a short reason when the shape is wrong.
+    """
+    if raw is None:
+        return []
+    if isinstance(raw, dict):
+        items = list(raw.items())
+    elif isinstance(raw, list):
+        items = []
+        for i, obj in enumerate(raw):
+            if not isinstance(obj, dict) or len(obj) != 1:
+                raise ValueError(f"important[{i}] must be an object with exactly one key, got {obj!r:.80}")
+            items.extend(obj.items())
+    else:
+        raise ValueError(f"important must be a list of one-key objects or an object, got {type(raw).__name__}")
+    out: Annotation = []
+    for key, values in items:
+        if isinstance(values, str):
+            values = [values]
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"important[{key!r}] must be a list of strings, got {values!r:.80}")
+        if not key:
+            raise ValueError("important has an empty key")
+        out.append((key, [v for v in values if v]))
+    return out
+
+
+def record_from_json(obj: Any) -> Record:
+    """Build a Record from one parsed JSON object; ``ValueError`` says what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    for name in ("input", "target"):
+        if name not in obj:
+            raise ValueError(f"missing field {name!r}")
+    if not isinstance(obj["input"], str):
+        raise ValueError(f"field 'input' must be a string, got {type(obj['input']).__name__}")
+    try:
+        target = _format_target(obj["target"])
+    except TypeError as e:
+        raise ValueError(f"field 'target' must be a string or a number, got {e}") from None
+    important = normalize_important(obj.get("important"))
+    meta = {k: v for k, v in obj.items() if k not in ("input", "target", "important")}
+    raw = None if isinstance(obj["target"], str) else obj["target"]
+    return Record(prompt=obj["input"], target=target, important=important, meta=meta, target_json=raw)
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[Record]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open(encoding="utf-8-sig") as f:  # -sig: files saved by Windows tools start with a BOM
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            try:
+                yield record_from_json(obj)
+            except ValueError as e:
+                raise RecordError(f"{path}:{lineno}: {e}") from None
+
+
+def load_records(path: str | os.PathLike) -> list[Record]:
+    """Read a JSONL file of records; a broken line raises RecordError naming file and line."""
+    return list(iter_records(path))
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+            # mkstemp creates the file 0600; give it the mode a plain open() would have
+            # (or keep the replaced file's), so others can still read the data.
+            os.chmod(tmp, _mode_for(path))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dumps_record(record: Record) -> str:
+    return json.dumps(record.to_json(), ensure_ascii=False)
+
+
+def save_records(path: str | os.PathLike, records: Iterable[Record]) -> None:
+    """Write records as JSONL, atomically (temp file + rename)."""
+    atomic_write_text(path, "".join(dumps_record(r) + "\n" for r in records))

@@ -1,0 +1,276 @@
+"""CATConfig and CATTrainer: the Hugging Face Trainer plus one idea, the Re-Attention loss.
+
+loss = CE(answer tokens) + gamma(t) * L_attn, with L_attn computed on the attention rows
+that produce annotated keys (CAT_METHOD.md section 3). With ``cat_gamma=0`` the loss is
+exactly plain supervised fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
+
+from .attention import AttentionProbe, use_row_probe
+from .loss import LOSS_KINDS, attention_ratio, row_loss, row_terms, visible_columns
+from .masks import SPAN_COLUMNS, EncodedRecord, collate, encode_record
+from .records import Record, record_from_json
+
+logger = logging.get_logger(__name__)
+
+
+class CATTrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class CATConfig(TrainingArguments):
+    r"""Configuration for [`CATTrainer`]: every `TrainingArguments` field plus CAT's own.
+
+    Parameters:
+        > Re-Attention loss
+
+        cat_alpha (`float`, *optional*, defaults to `2.0`):
+            A supervised row is satisfied when its mean attention on causal columns is at
+            least `cat_alpha` times its mean attention on the other visible columns.
+        cat_gamma (`float`, *optional*, defaults to `1.0`):
+            Weight of the Re-Attention loss. `0` trains plain supervised fine-tuning (the
+            baseline).
+        cat_gamma_decay (`float`, *optional*, defaults to `1.0`):
+            gamma(t) = cat_gamma * exp(-cat_gamma_decay * t), as in the paper's release.
+        cat_gamma_decay_unit (`str`, *optional*, defaults to `"epoch"`):
+            What t counts: completed `"epoch"`s (the paper) or optimizer `"step"`s.
+        cat_loss (`str`, *optional*, defaults to `"div"`):
+            Per-row loss: `"div"`, `"div2"`, `"nll"` or `"hinge"`.
+        cat_span_columns (`str`, *optional*, defaults to `"last"`):
+            Which tokens of an annotated value span become causal columns: `"last"` (the
+            span's last token, the only position that has seen the whole span in a
+            left-to-right model) or `"all"` (every token, the paper's choice).
+
+        > Data
+
+        max_length (`int`, *optional*, defaults to `256`):
+            Longer records lose prompt tokens from the left; the count is logged.
+    """
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where checkpoints and the final model go.", "aliases": ["--out"]}
+    )
+    cat_alpha: float = field(
+        default=2.0, metadata={"help": "Target ratio of causal to other attention.", "aliases": ["--alpha"]}
+    )
+    cat_gamma: float = field(
+        default=1.0, metadata={"help": "Weight of the Re-Attention loss; 0 = plain fine-tuning.", "aliases": ["--gamma"]}
+    )
+    cat_gamma_decay: float = field(default=1.0, metadata={"help": "gamma(t) = cat_gamma * exp(-decay * t)."})
+    cat_gamma_decay_unit: str = field(
+        default="epoch", metadata={"help": "Unit of t in the decay.", "choices": ["epoch", "step"]}
+    )
+    cat_loss: str = field(default="div", metadata={"help": "Per-row loss.", "choices": list(LOSS_KINDS)})
+    cat_span_columns: str = field(
+        default="last",
+        metadata={"help": "Value tokens that become causal columns.", "choices": list(SPAN_COLUMNS)},
+    )
+    max_length: int = field(default=256, metadata={"help": "Maximum tokens per record (prompt cut from the left)."})
+    # Trainer defaults that suit this data: our collator needs every field it gets.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the causal-structure fields."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cat_loss not in LOSS_KINDS:
+            raise ValueError(f"cat_loss must be one of {LOSS_KINDS}, got {self.cat_loss!r}")
+        if self.cat_span_columns not in SPAN_COLUMNS:
+            raise ValueError(f"cat_span_columns must be one of {SPAN_COLUMNS}, got {self.cat_span_columns!r}")
+        if self.cat_gamma_decay_unit not in ("epoch", "step"):
+            raise ValueError(f"cat_gamma_decay_unit must be 'epoch' or 'step', got {self.cat_gamma_decay_unit!r}")
+        if self.cat_gamma < 0 or self.cat_alpha <= 0:
+            raise ValueError("cat_gamma must be >= 0 and cat_alpha > 0")
+
+
+def to_records(data) -> list[Record]:
+    """Records from a list of Records or a `datasets.Dataset` with input/target/important."""
+    if data is None:
+        return []
+    if isinstance(data, Sequence) and (not data or isinstance(data[0], Record)):
+        return list(data)
+    return [record_from_json(_unarrow(dict(row))) for row in data]
+
+
+def _unarrow(row: dict) -> dict:
+    # Arrow unifies the schema of a list of one-key objects: [{"A": [..]}, {"B": [..]}]
+    # comes back as [{"A": [..], "B": None}, {"A": None, "B": [..]}]. Drop the fillers.
+    important = row.get("important")
+    if isinstance(important, list):
+        row["important"] = [{k: v for k, v in obj.items() if v is not None} for obj in important]
+    elif isinstance(important, dict):
+        row["important"] = {k: v for k, v in important.items() if v is not None}
+    return row
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[EncodedRecord]):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def encode_dataset(tokenizer, records: list[Record], max_length: int, span_columns: str) -> tuple[EncodedDataset, dict]:
+    items = [encode_record(tokenizer, r, max_length=max_length, span_columns=span_columns) for r in records]
+    stats = {
+        "records": len(items),
+        "truncated": sum(e.truncated for e in items),
+        "annotated_pairs": sum(e.n_pairs for e in items),
+        "unaligned_pairs": sum(len(e.unaligned) for e in items),
+        "supervised_rows": sum(len(e.rows) for e in items),
+    }
+    return EncodedDataset(items), stats
+
+
+class CATCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[EncodedRecord]) -> dict[str, torch.Tensor]:
+        b = collate(features, self.pad_token_id, padding_side="right")
+        return {
+            "input_ids": b.input_ids,
+            "attention_mask": b.attention_mask,
+            "labels": b.labels,
+            "cat_rows": b.rows,
+            "cat_causal": b.causal,
+        }
+
+
+def prepare_tokenizer(tokenizer):
+    """A pad token is needed for batching: fall back to EOS, as most causal-LM recipes do."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token first")
+        logger.warning("tokenizer has no pad token: using its EOS token %r for padding", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class CATTrainer(Trainer):
+    """`transformers.Trainer` with the Re-Attention loss.
+
+    ``train_dataset``/``eval_dataset``: lists of `Record` or `datasets.Dataset`s with
+    ``input``/``target``/``important`` columns; they are tokenized here with
+    ``processing_class`` (the tokenizer).
+    """
+
+    def __init__(self, model=None, args: CATConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, **kwargs):
+        if args is None:
+            args = CATConfig(output_dir="cattune_out")
+        if not isinstance(args, CATConfig):
+            raise TypeError("CATTrainer needs a CATConfig (a TrainingArguments subclass with CAT's fields)")
+        if processing_class is None:
+            raise ValueError("CATTrainer needs the tokenizer as processing_class")
+        tokenizer = prepare_tokenizer(processing_class)
+        self.encode_stats: dict[str, dict] = {}
+        train_records = to_records(train_dataset)
+        if train_dataset is not None and not train_records:
+            raise ValueError("the training set is empty")
+        encoded_train = self._encode("train", tokenizer, train_records, args) if train_records else None
+        encoded_eval = None
+        if eval_dataset is not None:
+            encoded_eval = self._encode("eval", tokenizer, to_records(eval_dataset), args)
+        use_row_probe(model)
+        kwargs.setdefault("data_collator", CATCollator(tokenizer.pad_token_id))
+        super().__init__(model=model, args=args, train_dataset=encoded_train, eval_dataset=encoded_eval,
+                         processing_class=tokenizer, **kwargs)
+        self._cat_metrics: dict[str, list[float]] = defaultdict(list)
+
+    def _encode(self, name, tokenizer, records, args):
+        data, stats = encode_dataset(tokenizer, records, args.max_length, args.cat_span_columns)
+        self.encode_stats[name] = stats
+        if stats["truncated"]:
+            logger.warning("%s: %d of %d records longer than max_length=%d were truncated (prompt cut from the left)",
+                           name, stats["truncated"], stats["records"], args.max_length)
+        if stats["annotated_pairs"] and stats["unaligned_pairs"]:
+            logger.info("%s: %d of %d annotated pairs could not be aligned to tokens",
+                        name, stats["unaligned_pairs"], stats["annotated_pairs"])
+        return data
+
+    def cat_gamma_now(self) -> float:
+        args = self.args
+        if args.cat_gamma == 0:
+            return 0.0
+        t = self.state.global_step if args.cat_gamma_decay_unit == "step" else math.floor(self.state.epoch or 0)
+        return args.cat_gamma * math.exp(-args.cat_gamma_decay * t)
+
+    def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # Mirrors Trainer.training_step: when the CE is already normalised over the whole
+        # accumulated batch, the Trainer does not divide by the accumulation steps, so we
+        # divide our per-micro-batch mean ourselves and both terms are scaled alike.
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rows = inputs.pop("cat_rows", None)
+        causal = inputs.pop("cat_causal", None)
+        gamma = self.cat_gamma_now() if model.training else 0.0
+        if rows is None or rows.numel() == 0 or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        # With gamma = 0 the probe runs detached: the ratio is logged, the loss is plain CE.
+        probe = AttentionProbe(rows, detach=gamma == 0)
+        loss, outputs = super().compute_loss(model, {**inputs, "cat_probe": probe}, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        probe.close()
+        attn = probe.result()
+        visible = visible_columns(rows, attn.shape[-1], inputs.get("attention_mask"))
+        a1, a0, counted = row_terms(attn, causal, visible)
+        l_attn = row_loss(a1, a0, counted, self.args.cat_alpha, self.args.cat_loss)
+        ga = self.current_gradient_accumulation_steps if self._loss_scaled_for_ga(num_items_in_batch) else 1
+        total = loss + (gamma / ga) * l_attn if gamma > 0 else loss
+
+        values = {
+            "loss_ce": loss.detach().item() * ga,
+            "loss_attn": l_attn.detach().item(),
+            "gamma": gamma,
+            "attn_ratio": attention_ratio(a1.detach(), a0.detach(), counted).item(),
+        }
+        if not all(math.isfinite(v) for v in values.values()):
+            step = self.state.global_step + 1
+            raise CATTrainingError(
+                f"non-finite loss at step {step} (CE {values['loss_ce']}, attention {values['loss_attn']}); "
+                f"training stopped. Checkpoints already written in {self.args.output_dir} are kept; "
+                "lower the learning rate or cat_gamma, or check the data."
+            )
+        for k, v in values.items():
+            self._cat_metrics[k].append(v)
+        return (total, outputs) if return_outputs else total
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Averages of CAT's terms since the last log, next to the Trainer's own loss.
+        if self._cat_metrics and "loss" in logs:
+            for k, v in self._cat_metrics.items():
+                logs[k] = round(sum(v) / len(v), 6)
+            self._cat_metrics.clear()
+        super().log(logs, start_time)
+
+
+def lora_model(model, r: int = 64, alpha: int = 32, dropout: float = 0.1,
+               target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")):
+    """Wrap a model in PEFT LoRA with the release's setting (r=64, alpha=32, dropout 0.1)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [m for m in target_modules if m in present]
+    if not targets:
+        raise ValueError(f"none of the LoRA target modules {target_modules} exist in this model")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -1,0 +1,65 @@
+"""Shared fixtures: the data in shared/ beside the checkout, and locally trained tokenizers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cattune.records import load_records
+from cattune.tiny import train_tokenizer
+
+# The repository's parent holds shared/ (CI clones the repo next to it), so the path is
+# relative to this file rather than to the working directory pytest runs from.
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+STG_DIR = DATA_DIR / "stg_paper"
+
+STG_E_FILES = {
+    "train_L": "spurious_token_game_train3.jsonl",
+    "train_M": "spurious_token_game_train3_M.jsonl",
+    "train_S": "spurious_token_game_train3_S.jsonl",
+    "iid_test": "spurious_token_game_test3.jsonl",
+    "ood_test": "spurious_token_game_ood3_2.jsonl",
+}
+STG_H_FILES = {"train": "STG_H_train.jsonl", "iid_test": "STG_H_iid_test.jsonl", "ood_test": "STG_H_ood_test.jsonl"}
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not STG_DIR.is_dir():
+        # Fail, not skip: a skipped data test in CI would hide exactly what it guards.
+        pytest.fail(f"shared data not found at {DATA_DIR}: clone the repository next to shared/")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def svamp_train(data_dir):
+    return load_records(data_dir / "svamp_train_annotated.jsonl")
+
+
+@pytest.fixture(scope="session")
+def stg_e_released(data_dir):
+    return {split: load_records(data_dir / "stg_paper" / name) for split, name in STG_E_FILES.items()}
+
+
+@pytest.fixture(scope="session")
+def stg_h_released(data_dir):
+    return {split: load_records(data_dir / "stg_paper" / name) for split, name in STG_H_FILES.items()}
+
+
+@pytest.fixture(scope="session")
+def annotated_corpus(svamp_train, stg_e_released, stg_h_released):
+    """Every annotated record we have: SVAMP (LLM-made annotations) and the STG train files."""
+    return {
+        "svamp": svamp_train,
+        "stg_e": stg_e_released["train_L"],
+        "stg_h": stg_h_released["train"],
+    }
+
+
+@pytest.fixture(scope="session")
+def tokenizers(annotated_corpus):
+    """A byte-level BPE (GPT-2 style, no BOS) and a Metaspace BPE (sentencepiece style,
+    BOS in front), both trained on the data text: the two offset conventions we support."""
+    texts = [r.text for records in annotated_corpus.values() for r in records]
+    return {kind: train_tokenizer(texts, kind, vocab_size=1000) for kind in ("bytelevel", "metaspace")}

@@ -1,0 +1,77 @@
+"""The cattune CLI end to end on tiny sizes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cattune.cli import main
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "cattune.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("stg", "train", "eval", "demo", "annotate", "experiment", "explain"):
+        assert f"  {name}" in out
+
+
+def test_stg_train_eval(tmp_path):
+    r = cli("stg", "--variant", "E", "--out", str(tmp_path / "stg"))
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "stg" / "train_S.jsonl").read_text().splitlines()
+    assert len(lines) == 400 and json.loads(lines[0])["important"]
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(lines[:32]) + "\n")
+
+    out = tmp_path / "model"
+    r = cli("train", "--train", str(small), "--eval", str(small), "--out", str(out), "--max_steps", "4",
+            "--per_device_train_batch_size", "8", "--gamma", "0.5", "--alpha", "3", "--report_to", "none",
+            "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true", "--logging_steps", "2")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["encode"]["train"]["records"] == 32
+    assert "eval" in report and 0.0 <= report["eval"]["accuracy"] <= 1.0
+    assert any("loss_attn" in h for h in report["log_history"])
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+
+    r = cli("eval", "--model", str(out), "--data", str(small), "--data", str(tmp_path / "stg" / "ood_test.jsonl"))
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout and "ood_test.jsonl" in r.stdout
+    res = json.loads((out / "eval_results.json").read_text())
+    assert set(res["results"]) == {str(small), str(tmp_path / "stg" / "ood_test.jsonl")}
+    assert res["results"][str(small)]["n"] == 32
+
+
+def test_demo_tiny(tmp_path):
+    r = cli("demo", "--out", str(tmp_path), "--limit", "24", "--epochs", "1", "--batch-size", "8")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [run["arm"] for run in res["runs"]] == ["baseline", "cat"]
+    assert all(0 <= run["ood_test"] <= 1 for run in res["runs"])
+    png = (tmp_path / "demo.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "| cat" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--train", "/nonexistent.jsonl", "--out", "/tmp/x"], "no such file"),
+    (["eval", "--model", "/nonexistent-model-dir", "--data", "DATA"], "cannot load model"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, args, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"input": "a ", "target": "b"}\n')
+    args = [str(data) if a == "DATA" else a for a in args]
+    r = cli(*args)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_broken_record_names_file_and_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"input": "a ", "target": "b"}\n{"input": "a "}\n')
+    r = cli("train", "--train", str(data), "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and f"{data}:2: missing field 'target'" in r.stderr

@@ -1,0 +1,39 @@
+"""evaluate(): batched greedy decoding, answer checking, attention ratio."""
+
+import torch
+
+from cattune import stg
+from cattune.evaluate import check_exact, check_gsm8k, check_mc, check_numeric, evaluate
+from cattune.tiny import build
+from cattune.trainer import CATConfig, CATTrainer
+
+torch.set_num_threads(1)
+
+
+def test_checkers_on_real_formats():
+    assert check_exact(" High Risk ", "High Risk") and not check_exact("High", "High Risk")
+    assert check_numeric("84.0", "84") and check_numeric("1,234", "1234.0") and not check_numeric("83", "84")
+    assert check_gsm8k("She pays 3 * 24 = 72 dollars.\n#### 72", "Natalia sold 48 ... #### 72")
+    assert not check_gsm8k("#### 71", "#### 72")
+    assert check_mc("(B)", "B") and check_mc("Answer: C", "C") and check_mc("D) 12 apples", "D")
+    assert not check_mc("B", "C") and not check_mc("no idea", "A")
+
+
+def test_evaluate_a_handful_of_records(tmp_path):
+    data = stg.generate("E")
+    records = data["train_S"][:48]
+    model, tok = build([r.text for r in data["train_L"]], seed=0, hidden_size=64, intermediate_size=128)
+    args = CATConfig(output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3,
+                     save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, cat_alpha=5.0,
+                     cat_gamma_decay=0.0)
+    CATTrainer(model=model, args=args, train_dataset=records, processing_class=tok).train()
+    res = evaluate(model, tok, records[:12], batch_size=5, progress=False)
+    assert res.n == 12 and len(res.predictions) == 12
+    assert res.correct == sum(p["correct"] for p in res.predictions)
+    # it has learned the answer format: every prediction is one of the labels
+    assert {p["prediction"] for p in res.predictions} <= {"High Risk", "Low Risk", "Middle Risk"}
+    assert res.accuracy >= 0.5
+    assert res.attention_ratio is not None and res.attention_ratio > 1.0
+    # left-padded batching gives the same answers as one record at a time
+    one = evaluate(model, tok, records[:4], batch_size=1, progress=False)
+    assert [p["prediction"] for p in one.predictions] == [p["prediction"] for p in res.predictions[:4]]

@@ -1,0 +1,218 @@
+"""cattune experiment: config checks, statistics, and a micro grid that is killed and resumed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cattune import cli, experiment
+from cattune.experiment import ConfigError, RunSpec, load_config, parse_config, run_experiment
+
+torch.set_num_threads(1)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "vocab_size": 300}
+
+
+def micro(tmp_path: Path, **over) -> Path:
+    cfg = {
+        "name": "micro",
+        "seeds": 2,
+        "arms": ["baseline", "cat", "placebo"],
+        "models": [{"name": "tiny", "tiny": TINY}],
+        "train": {"max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1, "learning_rate": "3e-3",
+                  "use_cpu": True},
+        "eval": {"batch_size": 16, "max_new_tokens": 3},
+        "tasks": [
+            {"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 16, "test_limit": 6},
+            {"task": "SVAMP", "files": {"train": str(DATA / "svamp_train_annotated.jsonl"),
+                                        "test": str(DATA / "svamp_test.jsonl")},
+             "train_limit": 16, "test_limit": 6},
+        ],
+    }
+    cfg.update(over)
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_defaults_and_plan(tmp_path):
+    cfg = load_config(micro(tmp_path))
+    assert cfg.seeds == [0, 1] and cfg.arms == ["baseline", "cat", "placebo"]
+    assert cfg.train["learning_rate"] == 3e-3 and cfg.train["cat_alpha"] == 5.0  # "3e-3" from YAML, demo default
+    assert [t.label for t in cfg.tasks] == ["E", "SVAMP"] and cfg.tasks[0].tests == {"iid_test": "iid_test",
+                                                                                      "ood_test": "ood_test"}
+    assert cfg.tasks[1].task.checker == "numeric" and cfg.tasks[1].tests == {"test": "test"}
+    runs = experiment.plan(cfg)
+    assert len(runs) == 12 and runs[:3] == [RunSpec("E", "tiny", a, 0) for a in ("baseline", "cat", "placebo")]
+    assert experiment.train_args_for(cfg, cfg.tasks[0], "baseline")["cat_gamma"] == 0.0
+    assert experiment.train_args_for(cfg, cfg.tasks[0], "placebo")["cat_gamma"] == 1.0
+    assert RunSpec("a/b c", "m", "cat", 3).run_id == "a-b-c__m__cat__seed3"
+
+
+def test_shipped_stg_config():
+    cfg = load_config("builtin:stg")
+    assert len(cfg.seeds) >= 5 and cfg.arms == ["baseline", "cat", "placebo"]
+    assert [t.label for t in cfg.tasks] == ["STG_E_S", "STG_E_M", "STG_E_L", "STG_H_S", "STG_H_M", "STG_H_L"]
+    assert all(m.is_tiny for m in cfg.models) and len(experiment.plan(cfg)) == 90
+    assert cfg.train["cat_span_columns"] == "last" and cfg.train["num_train_epochs"] == 30
+    with pytest.raises(FileNotFoundError, match="shipped: .*stg"):
+        load_config("builtin:nope")
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"colour": 1}, "unknown fields"),
+    ({"arms": ["cat", "sham"]}, "arms"),
+    ({"train": {"learning_rte": 1}}, "not a CATConfig"),
+    ({"train": {"learningrate": 1}}, "did you mean 'learning_rate'"),
+    ({"train": {"seed": 3}}, "set by the experiment runner"),
+    ({"train": {"learning_rate": "fast"}}, "must be a number"),
+    ({"tasks": []}, "'tasks' is required"),
+    ({"tasks": ["STG_E", "stg_e"]}, "labels must be unique"),
+    ({"tasks": [{"task": "NOPE"}]}, "unknown task"),
+    ({"tasks": [{"task": "STG_E", "shots": 3}]}, "unknown task-entry fields"),
+    ({"seeds": 0}, "seeds"),
+    ({"seeds": [1, 1]}, "repeat"),
+    ({"arm_args": {"baseline": {"cat_gamma": 1}}}, "baseline arm always"),
+    ({"models": [{"name": "x", "size": 3}]}, "unknown model fields"),
+    ({"eval": {"temperature": 0}}, "eval: unknown"),
+])
+def test_config_errors(tmp_path, over, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(micro(tmp_path, **over))
+
+
+def test_models_and_task_files(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"q": "1+1?", "a": "2"}) + "\n")
+    (tmp_path / "t.yaml").write_text("name: ADD\nchecker: numeric\nsource:\n  files: {train: d.jsonl, test: d.jsonl}\n"
+                                     "  input: '{q} Answer: '\n  target: a\n")
+    cfg = parse_config({"task_files": ["t.yaml"], "tasks": [{"task": "ADD", "test": {"all": "test"}}],
+                        "models": ["tiny", "/models/qwen", {"name": "q", "path": "Qwen/Qwen2.5-0.5B", "lora": True}]},
+                       tmp_path / "c.yaml")
+    assert [m.label for m in cfg.models] == ["tiny", "qwen", "q"]
+    assert cfg.models[0].is_tiny and cfg.models[1].path == "/models/qwen" and cfg.models[2].lora == {}
+    assert cfg.tasks[0].tests == {"all": "test"} and cfg.tasks[0].task.load("test")[0].target == "2"
+    assert cfg.output == Path("c_results")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_t_interval():
+    assert experiment.t_quantile_975(1) == 12.706 and experiment.t_quantile_975(4) == 2.776
+    assert abs(experiment.t_quantile_975(60) - 2.000) < 2e-3 and abs(experiment.t_quantile_975(10**6) - 1.96) < 1e-3
+    mean, lo, hi = experiment.paired_interval([0.01, 0.02, 0.03])
+    assert mean == pytest.approx(0.02) and hi - mean == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+    m1, lo1, hi1 = experiment.paired_interval([0.05])
+    assert m1 == 0.05 and math.isnan(lo1) and math.isnan(hi1)
+
+
+def test_summary_tables():
+    def res(arm, seed, acc):
+        return {"task": "T", "model": "m", "arm": arm, "seed": seed,
+                "tests": {"ood": {"accuracy": acc, "n": 100, "correct": int(acc * 100), "attention_ratio": 2.0}}}
+
+    results = [res("baseline", s, a) for s, a in enumerate([0.60, 0.62, 0.64])]
+    results += [res("cat", s, a) for s, a in enumerate([0.70, 0.71, 0.75])]
+    results += [res("placebo", s, a) for s, a in enumerate([0.66, 0.64])]
+    (row,) = experiment.summarize(results)
+    assert row["baseline_n"] == 3 and row["baseline_mean"] == pytest.approx(0.62)
+    assert row["baseline_std"] == pytest.approx(0.02)
+    assert row["cat_minus_baseline"] == pytest.approx(0.1) and row["cat_minus_baseline_pairs"] == 3
+    assert row["cat_minus_placebo"] == pytest.approx(0.055) and row["cat_minus_placebo_pairs"] == 2
+    assert row["cat_minus_baseline_lo"] < 0.1 < row["cat_minus_baseline_hi"]
+    md = experiment.summary_markdown([row], "t")
+    assert "| T | m | ood | 3 | 62.0 ± 2.0 | 72.0 ± 2.6 | 65.0 ± 1.4 | +10.0 [" in md
+    parsed = list(csv.DictReader(io.StringIO(experiment.summary_csv([row]))))
+    assert parsed[0]["cat_mean"] == str(row["cat_mean"]) and parsed[0]["cat_minus_placebo_pairs"] == "2"
+    assert list(parsed[0]) == experiment.CSV_COLUMNS
+
+
+def test_read_results_drops_cut_lines(tmp_path):
+    p = tmp_path / "results.jsonl"
+    good = {"task": "T", "model": "m", "arm": "cat", "seed": 0, "tests": {}}
+    p.write_text(json.dumps(good) + "\n" + json.dumps({**good, "seed": 1})[:30])
+    rows, bad = experiment.read_results(p)
+    assert len(rows) == 1 and bad == 1 and not p.read_text().endswith("\n")  # reading alone changes nothing
+    experiment.read_results(p, repair=True)
+    assert p.read_text() == json.dumps(good) + "\n"
+
+
+# --------------------------------------------------------------------------- a real micro grid
+
+
+def test_micro_experiment_is_resumable(tmp_path, capsys):
+    cfg_path = micro(tmp_path)
+    out = tmp_path / "out"
+    # 1. a first session stops after 4 runs (as if killed between runs)
+    assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--max-runs", "4"]) == 0
+    assert len(lines(out / "results.jsonl")) == 4
+    # 2. started again: the other 8 runs, nothing trained twice
+    cfg = load_config(cfg_path)
+    report = run_experiment(cfg, out=out, log=lambda m: None)
+    assert len(report.skipped) == 4 and len(report.ran) == 8 and report.complete
+    results = lines(out / "results.jsonl")
+    keys = {(r["task"], r["model"], r["arm"], r["seed"]) for r in results}
+    assert len(results) == 12 and len(keys) == 12
+    for r in results:
+        assert set(r["tests"]) == ({"iid_test", "ood_test"} if r["task"] == "E" else {"test"})
+        assert all(0 <= t["accuracy"] <= 1 and t["n"] == 6 for t in r["tests"].values())
+        assert r["steps"] == 2 and r["n_train"] == 16 and (out / r["log"]).is_file()
+        assert r["cat_gamma"] == (0.0 if r["arm"] == "baseline" else 1.0)
+        assert (r["placebo"] is not None) == (r["arm"] == "placebo")
+    placebo_e = next(r for r in results if r["arm"] == "placebo" and r["task"] == "E")
+    assert placebo_e["placebo"]["values"] == 48 and placebo_e["placebo"].get("dropped", 0) == 0
+    log = json.loads((out / placebo_e["log"]).read_text())
+    assert any("attn_ratio" in h for h in log["log_history"])
+
+    # 3. a kill during a run's write: one line lost, the last one cut in half
+    text = (out / "results.jsonl").read_text().splitlines()
+    victim = json.loads(text[5])
+    cut = text[-1][: len(text[-1]) // 2]
+    (out / "results.jsonl").write_text("\n".join(text[:5] + text[6:-1] + [cut]))
+    report = run_experiment(cfg, out=out, log=lambda m: None)
+    rerun = {s.key for s in report.ran}
+    last = json.loads(text[-1])
+    assert rerun == {(victim["task"], victim["model"], victim["arm"], victim["seed"]),
+                     (last["task"], last["model"], last["arm"], last["seed"])}
+    assert report.dropped_lines == 1 and len(report.skipped) == 10
+    results = lines(out / "results.jsonl")
+    assert len(results) == 12 and len({(r["task"], r["arm"], r["seed"]) for r in results}) == 12
+
+    # 4. the summary: both tasks, every arm with 2 seeds, both differences
+    md = (out / "summary.md").read_text()
+    assert "| E | tiny | ood_test | 2 |" in md and "| SVAMP | tiny | test | 2 |" in md
+    rows = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert [(r["task"], r["test"]) for r in rows] == [("E", "iid_test"), ("E", "ood_test"), ("SVAMP", "test")]
+    for r in rows:
+        assert r["baseline_n"] == r["cat_n"] == r["placebo_n"] == "2"
+        assert r["cat_minus_baseline_pairs"] == r["cat_minus_placebo_pairs"] == "2"
+        assert r["cat_minus_baseline_lo"] != "" and float(r["cat_minus_baseline_lo"]) <= float(r["cat_minus_baseline_hi"])
+
+    # 5. nothing left: a rerun trains nothing; --summary-only and --dry-run only read
+    report = run_experiment(cfg, out=out, log=lambda m: None)
+    assert not report.ran and len(report.skipped) == 12
+    (out / "summary.md").unlink()
+    assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--summary-only"]) == 0
+    assert (out / "summary.md").read_text() == md
+    # a changed setting is reported, the finished runs are kept
+    changed = micro(tmp_path, train={"max_steps": 3, "per_device_train_batch_size": 8, "use_cpu": True})
+    report = run_experiment(load_config(changed), out=out, dry_run=True, log=lambda m: None)
+    assert len(report.changed) == 12 and not report.ran
+    assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--dry-run"]) == 0
+    assert not list(out.glob(".*"))  # no temporary training directories left behind
