@@ -67,6 +67,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(_common.RESULTS / "mask_speed.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    info = _common.machine()  # the load average as the run starts
     t_start = time.perf_counter()
     data = {name: load_records(f"{args.data_dir}/{DATASETS[name]}") for name in args.datasets.split(",") if name}
     texts = [r.text for records in data.values() for r in records]
@@ -115,7 +116,7 @@ def main(argv=None):
     print(text)
     if profile_text:
         print("\ncProfile, one SVAMP pass (first tokenizer), by own time:\n" + profile_text)
-    path = _common.write_json(args.out, {"benchmark": "mask_speed", "machine": _common.machine(), "args": vars(args),
+    path = _common.write_json(args.out, {"benchmark": "mask_speed", "machine": info, "args": vars(args),
                                          "results": results, "table": text, "profile": profile_text,
                                          "wall_s": round(time.perf_counter() - t_start, 1)})
     print(f"written {path}")

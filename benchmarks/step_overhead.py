@@ -14,7 +14,11 @@ answer tokens) on one random-init Llama-style model:
 
 Timing: all variants live in one process on one model; for every step the variants run
 one after the other, in an order rotated every step (interleaved), and each variant's
-time is the median over its steps. Ratios are taken against ``plain`` of the same run.
+time is the median over its steps. Ratios are taken against ``plain`` of the same run:
+ratio of the medians, and the median of the per-step ratios ("paired"). On CPU the
+process's CPU time is recorded as well (one torch thread by default): on a machine that
+others share, wall time also measures how much of a core the run was given, CPU time
+mostly what the step costs.
 
 Peak memory:
 - CUDA: ``torch.cuda.max_memory_allocated`` over the step (reset before it), total and
@@ -26,7 +30,8 @@ Peak memory:
   the CPU analogue of ``max_memory_allocated``: bytes of live tensors, independent of
   glibc's caching. ``--rss`` cross-checks it with the operating system's view: each
   variant runs one step in a fresh subprocess (glibc told to return big blocks at once)
-  and reports ``ru_maxrss`` minus the resident size just before the step.
+  and reports the resident high-water mark (VmHWM) minus the resident size just before
+  the step.
 
 Usage:
     python benchmarks/step_overhead.py                       # CPU defaults, ~10 min on 2 cores
@@ -41,7 +46,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -51,8 +55,11 @@ import torch
 
 VARIANTS = ("plain", "cat", "release")
 ATTN_IMPL = {"plain": "sdpa", "cat": "cat_sdpa", "release": "eager"}
-# Steps per length when --steps is not given: fewer at long lengths to keep a CPU run short.
-DEFAULT_STEPS = {256: 7, 512: 5, 1024: 4, 2048: 3}
+# Timed steps per length when --steps is not given: fewer at long lengths to keep a CPU
+# run near 10 minutes. At 2048 the release path costs ~4x a plain step and ~12 GB, and
+# its time is no target, so by default it is timed once there (--release-steps).
+DEFAULT_STEPS = {256: 5, 512: 5, 1024: 4, 2048: 3}
+DEFAULT_RELEASE_STEPS = {2048: 1}
 MiB = 2**20
 
 
@@ -62,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--lengths", default="256,512,1024,2048", help="comma-separated sequence lengths")
     p.add_argument("--steps", type=int, default=None,
                    help=f"timed steps per variant and length (default: {DEFAULT_STEPS}, 3 beyond)")
+    p.add_argument("--release-steps", type=int, default=None,
+                   help=f"timed steps of the release variant (default: as --steps, but {DEFAULT_RELEASE_STEPS})")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant and length (CUDA); "
                    "on CPU the profiled memory step is the warm-up")
     p.add_argument("--batch", type=int, default=4)
@@ -252,13 +261,20 @@ def measure_memory(model, optimizer, batch, variant, args) -> dict:
     return {"peak_bytes": start + step, "step_bytes": step, "method": "torch.profiler allocation events"}
 
 
-def rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def proc_status_kib(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (resident high-water mark) of this process, in KiB.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that over an exec from the process that
+    forked, so a fresh subprocess would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def rss_worker(args) -> None:
-    """One variant, one length, in this fresh process: print ru_maxrss around one step."""
+    """One variant, one length, in this fresh process: print the RSS high-water mark around one step."""
     torch.set_num_threads(args.threads)
     model, optimizer = build_model(args)
     # A short step first: creates the AdamW state, so the measured step is a steady one.
@@ -269,9 +285,12 @@ def rss_worker(args) -> None:
     batch = make_batch(args, L)
     set_variant(model, args.rss_worker)
     gc.collect()
-    before = rss_kib()
+    before = proc_status_kib("VmRSS")
+    if proc_status_kib("VmHWM") > before + 1024:  # the warm-up peaked above: reset the mark
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
     train_step(model, optimizer, batch, args.rss_worker, args)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = proc_status_kib("VmHWM")
     print("RSS " + json.dumps({"before_kib": before, "maxrss_kib": peak}))
 
 
@@ -308,6 +327,9 @@ def run(args) -> dict:
     for L in args.lengths:
         batch = make_batch(args, L)
         steps = args.steps or DEFAULT_STEPS.get(L, 3)
+        n_steps = {v: steps for v in args.variants}
+        if "release" in n_steps:
+            n_steps["release"] = min(steps, args.release_steps or DEFAULT_RELEASE_STEPS.get(L, steps))
         memory = {}
         for v in args.variants:
             set_variant(model, v)
@@ -324,6 +346,8 @@ def run(args) -> dict:
         for s in range(steps):
             k = s % len(args.variants)
             for v in args.variants[k:] + args.variants[:k]:  # rotate the order every step
+                if s >= n_steps[v]:
+                    continue
                 set_variant(model, v)
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
@@ -336,7 +360,7 @@ def run(args) -> dict:
                 memory.setdefault(v, {}).update(run_rss(args, L, v))
         base_t = _common.median(times["plain"])
         for v in args.variants:
-            row = {"length": L, "variant": v, "steps": steps, "times_s": times[v],
+            row = {"length": L, "variant": v, "steps": n_steps[v], "times_s": times[v],
                    "median_s": _common.median(times[v]), "time_ratio": _common.median(times[v]) / base_t}
             # Ratio of medians, and the median of the per-step ratios (paired, same step index).
             row["time_ratio_paired"] = _common.median([t / b for t, b in zip(times[v], times["plain"])])
@@ -412,6 +436,8 @@ def main(argv=None):
     if args.rss_worker:
         rss_worker(args)
         return
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     info = _common.machine(args.device)
     t0 = time.perf_counter()
     out = run(args)

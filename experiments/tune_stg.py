@@ -17,6 +17,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--gamma", type=float, default=1.0)
 p.add_argument("--alpha", type=float, default=2.0)
 p.add_argument("--span", default="last")
+p.add_argument("--loss", default="div")
 p.add_argument("--decay", type=float, default=0.0)
 p.add_argument("--epochs", type=float, default=30)
 p.add_argument("--lr", type=float, default=1e-3)
@@ -28,14 +29,14 @@ p.add_argument("--hidden", type=int, default=128)
 p.add_argument("--dropout", type=float, default=0.0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--split", default="train_M")
-p.add_argument("--whole-numbers", action="store_true")
+p.add_argument("--digits", action="store_true", help="one token per digit")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 data = stg.generate("E")
 val = stg.generate("E", seed=7)
 model, tok = build([r.text for r in data["train_L"]], seed=a.seed, num_hidden_layers=a.layers,
-                   hidden_size=a.hidden, individual_digits=not a.whole_numbers, intermediate_size=2 * a.hidden, attention_dropout=a.dropout)
-args = CATConfig(output_dir="/tmp/tune", cat_gamma=a.gamma, cat_alpha=a.alpha, cat_span_columns=a.span,
+                   hidden_size=a.hidden, individual_digits=a.digits, intermediate_size=2 * a.hidden, attention_dropout=a.dropout)
+args = CATConfig(output_dir="/tmp/tune", cat_gamma=a.gamma, cat_alpha=a.alpha, cat_span_columns=a.span, cat_loss=a.loss,
                  cat_gamma_decay=a.decay, num_train_epochs=a.epochs, per_device_train_batch_size=a.bs,
                  learning_rate=a.lr, weight_decay=a.wd, warmup_steps=0.1, lr_scheduler_type="cosine",
                  save_strategy="no", logging_steps=50, report_to=[], disable_tqdm=True, use_cpu=True, seed=a.seed)

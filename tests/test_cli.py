@@ -48,10 +48,11 @@ def test_stg_train_eval(tmp_path):
 
 
 def test_demo_tiny(tmp_path):
-    r = cli("demo", "--out", str(tmp_path), "--limit", "24", "--epochs", "1", "--batch-size", "8")
+    r = cli("demo", "--out", str(tmp_path), "--limit", "24", "--epochs", "1", "--h-epochs", "1", "--batch-size", "8",
+            "--variants", "E,H")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "results.json").read_text())
-    assert [run["arm"] for run in res["runs"]] == ["baseline", "cat"]
+    assert [(run["variant"], run["arm"]) for run in res["runs"]] == [("E", "baseline"), ("E", "cat"), ("H", "baseline"), ("H", "cat")]
     assert all(0 <= run["ood_test"] <= 1 for run in res["runs"])
     png = (tmp_path / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -54,7 +54,7 @@ def lines(path: Path) -> list[dict]:
 def test_config_defaults_and_plan(tmp_path):
     cfg = load_config(micro(tmp_path))
     assert cfg.seeds == [0, 1] and cfg.arms == ["baseline", "cat", "placebo"]
-    assert cfg.train["learning_rate"] == 3e-3 and cfg.train["cat_alpha"] == 5.0  # "3e-3" from YAML, demo default
+    assert cfg.train["learning_rate"] == 3e-3 and cfg.train["cat_alpha"] == 50.0  # "3e-3" from YAML, demo default
     assert [t.label for t in cfg.tasks] == ["E", "SVAMP"] and cfg.tasks[0].tests == {"iid_test": "iid_test",
                                                                                       "ood_test": "ood_test"}
     assert cfg.tasks[1].task.checker == "numeric" and cfg.tasks[1].tests == {"test": "test"}

@@ -56,7 +56,7 @@ def test_explain_cli_heatmap(trained, stg_e, tmp_path):
     save_records(data, records)
     out, js = tmp_path / "figs" / "rec3.png", tmp_path / "rec3.json"
     assert cli.main(["explain", "--model", str(trained["dir"]), "--data", str(data), "--record", "3",
-                     "--out", str(out), "--json", str(js)]) == 0
+                     "--span-columns", "all", "--out", str(out), "--json", str(js)]) == 0
     w, h = png_size(out)
     assert 600 <= w <= 5000 and 200 <= h <= 2000
     info = json.loads(js.read_text())

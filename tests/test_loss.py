@@ -1,4 +1,4 @@
-"""The Re-Attention loss against a per-row loop written from CAT_METHOD.md section 3."""
+"""The Re-Attention loss against a per-row loop written from docs/method.md section 3."""
 
 from __future__ import annotations
 

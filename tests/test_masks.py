@@ -129,6 +129,8 @@ def test_value_and_key_in_one_token(word_tok):
          [("b c", "a", "cut by max_length"), ("b c", "c a d", "cut by max_length")]),
         (2, [BOS, B], [-100, B], set(),
          [("b c", "a", "cut by max_length"), ("b c", "c a d", "cut by max_length")]),
+        (1, [BOS], [-100], set(),
+         [("b c", "a", "cut by max_length"), ("b c", "c a d", "cut by max_length")]),
         # Exactly long enough: nothing changes.
         (10, [BOS, A, B, C, A, D, COLON, B, C, EOS], [-100] * 7 + [B, C, EOS], None, []),
     ],
@@ -189,7 +191,7 @@ def tokenize_all(tok, records):
 
 
 def reference_encode(tok, record, tokens, max_length=None, span_columns="all"):
-    """Independent re-derivation of CAT_METHOD.md section 2 from the token list.
+    """Independent re-derivation of docs/method.md section 2 from the token list.
 
     Works on token indices (which tokens were dropped) rather than on character ranges,
     and maps characters to tokens by a per-character table instead of a binary search,

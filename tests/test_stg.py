@@ -132,7 +132,7 @@ def test_unknown_variant_is_rejected():
 
 NUM = r"(-?\d+(?:\.\d+)?)"
 H_NAMES = [name for name, _ in stg.H_CAUSAL] + [name for name, _ in stg.H_SPURIOUS]
-# The template of CAT_METHOD.md section 5, written out independently of stg.py.
+# The template of docs/method.md section 5, written out independently of stg.py.
 H_TEMPLATE = re.compile(
     r"Industrial Emissions: -?\d+\.\d; Vehicle Emissions: -?\d+\.\d; Coal Dependency: -?\d+\.\d%; "
     r"Agricultural Burning: -?\d+\.\d; Urban Green Coverage: -?\d+\.\d%; Meteorological Dispersion: -?\d+\.\d\. "

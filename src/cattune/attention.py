@@ -4,7 +4,7 @@ The Re-Attention loss needs the attention maps of a few rows per sequence. Askin
 model for ``output_attentions`` forces eager attention and materialises every layer's
 [heads, L, L] map. Instead we register an attention function ("cat_sdpa") that calls
 SDPA as usual and, when the forward call carries a ``cat_probe``, also computes
-``softmax(q_rows K^T * scaling + mask)`` for the probe's rows, in float32, summed over
+``softmax(q_rows K^T * scaling + mask)`` for the probe's rows, in float32, averaged over
 heads and layers. Cost: O(layers * heads * R * L) for R rows instead of L^2.
 
 The probe is passed as a keyword argument of the model's forward, which transformers
@@ -72,8 +72,8 @@ class AttentionProbe:
         probs = row_probabilities(query, key, attention_mask, scaling, self.rows.to(query.device))
         if self.closed:
             return
-        summed = probs.mean(dim=1)  # over heads: [B, R, L]
-        self.total = summed if self.total is None else self.total + summed
+        per_layer = probs.mean(dim=1)  # over heads: [B, R, L]
+        self.total = per_layer if self.total is None else self.total + per_layer
         self.layers += 1
 
 

@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = module.build_parser()
     parser.prog = f"cattune {name}"
-    if hasattr(module, "parse"):  # commands built on HfArgumentParser parse dataclasses
-        args = module.parse(parser, rest)
-    else:
-        args = parser.parse_args(rest)
     try:
+        if hasattr(module, "parse"):  # commands built on HfArgumentParser parse dataclasses
+            args = module.parse(parser, rest)
+        else:
+            args = parser.parse_args(rest)
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

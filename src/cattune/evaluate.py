@@ -1,6 +1,6 @@
 """Evaluation: greedy decoding of the answer, answer checking, and where the model looks.
 
-Accuracy is exact match by default (CAT_METHOD.md section 4); other checkers cover
+Accuracy is exact match by default (docs/method.md section 4); other checkers cover
 numbers with a tolerance, GSM8K's "#### answer" and multiple-choice letters.
 """
 
@@ -34,8 +34,11 @@ def parse_number(text: str) -> float | None:
 
 
 def final_answer(text: str) -> str:
-    """GSM8K style: the text after the last "####", else the text itself."""
-    return text.rsplit("####", 1)[-1].strip() if "####" in text else text.strip()
+    """GSM8K style: the text after the last "####"; without one, the last number."""
+    if "####" in text:
+        return text.rsplit("####", 1)[-1].strip()
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else text.strip()
 
 
 def check_exact(prediction: str, target: str) -> bool:
@@ -55,13 +58,20 @@ def check_gsm8k(prediction: str, target: str) -> bool:
 
 
 def mc_letter(text: str) -> str | None:
-    """The answer letter in "B", "(B)", "B) ...", "Answer: B", "The answer is B."."""
+    """The answer letter in "B", "(B)", "B) ...", "Answer: B", "I think (C)".
+
+    A bare leading letter counts only as a capital followed by ".", ")", ":" or the
+    end, so "A cat is..." is not read as "A".
+    """
     text = text.strip()
-    m = re.match(r"^\(?([A-Ea-e])\)?(?:[.):\s]|$)", text)
+    m = re.match(r"^\(?([A-E])(?:[.):]|\)|$)", text)
     if m:
-        return m.group(1).upper()
-    m = re.search(r"answer(?: is)?[:\s]*\(?([A-E])\)?\b", text, flags=re.IGNORECASE)
-    return m.group(1).upper() if m else None
+        return m.group(1)
+    m = re.search(r"(?i:answer)(?:\s+is)?[:\s]*\(?([A-E])\)?(?![A-Za-z])", text)
+    if m:
+        return m.group(1)
+    m = re.search(r"\(([A-E])\)", text)
+    return m.group(1) if m else None
 
 
 def check_mc(prediction: str, target: str) -> bool:
@@ -125,7 +135,7 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 32,
 
 @torch.no_grad()
 def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: int = 32,
-                           span_columns: str = "all", max_length: int | None = None) -> float | None:
+                           span_columns: str = "last", max_length: int | None = None) -> float | None:
     """Mean over supervised rows of a1/a0 (attention on causal columns vs the rest)."""
     encoded = [encode_record(tokenizer, r, max_length=max_length, span_columns=span_columns)
                for r in records if r.important]
@@ -151,10 +161,13 @@ def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: 
 
 
 def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = "exact", batch_size: int = 32,
-             max_new_tokens: int | None = None, progress: bool = True, desc: str = "eval") -> EvalResult:
+             max_new_tokens: int | None = None, progress: bool = True, desc: str = "eval",
+             span_columns: str = "last") -> EvalResult:
     """Accuracy of greedy answers on ``records`` plus per-record predictions.
 
-    ``max_new_tokens`` defaults to the longest target's token count + 4.
+    ``max_new_tokens`` defaults to the longest target's token count + 4. The attention
+    ratio is measured on annotated records with ``span_columns``, CATConfig's default
+    (pass the training setting to compare with the trainer's logged ratio).
     """
     if not records:
         raise ValueError("nothing to evaluate: the record list is empty")
@@ -169,7 +182,7 @@ def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = 
     try:
         answers = generate_answers(model, tokenizer, [r.prompt for r in records], batch_size, max_new_tokens,
                                    progress=progress, desc=desc)
-        ratio = causal_attention_ratio(model, tokenizer, records, batch_size)
+        ratio = causal_attention_ratio(model, tokenizer, records, batch_size, span_columns=span_columns)
     finally:
         model.train(was_training)
     predictions = []

@@ -43,7 +43,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from .records import Record, atomic_write_text
+from .records import Record, atomic_write_text, load_config_file
 from .tasks import Task, TaskError, get_task, load_task_file, placebo_records
 
 ARMS = ("baseline", "cat", "placebo")
@@ -54,7 +54,7 @@ DEFAULT_TRAIN = {
     "per_device_train_batch_size": 16,
     "warmup_steps": 0.1,
     "lr_scheduler_type": "cosine",
-    "cat_alpha": 5.0,
+    "cat_alpha": 50.0,
     "cat_gamma": 1.0,
     "cat_gamma_decay": 0.0,
     "cat_span_columns": "last",
@@ -310,20 +310,7 @@ def parse_config(data: dict, path: Path | None = None) -> ExperimentConfig:
 def load_config(spec: str | os.PathLike) -> ExperimentConfig:
     """Read and check an experiment config (YAML or JSON; ``builtin:NAME`` for shipped ones)."""
     path = resolve_config_path(spec)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(data, path)
+    return parse_config(load_config_file(path, error=ConfigError), path)
 
 
 def plan(config: ExperimentConfig) -> list[RunSpec]:
@@ -496,7 +483,7 @@ def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str
         lines.append("| " + " | ".join(cells) + " |")
     ratio_arms = [a for a in arms if any(not math.isnan(r[f"{a}_attn_ratio"]) for r in rows)]
     if ratio_arms:
-        lines += ["", "Mean causal/non-causal attention ratio on each test set's annotation (CAT_METHOD.md "
+        lines += ["", "Mean causal/non-causal attention ratio on each test set's annotation (docs/method.md "
                   "section 3: a1/a0 over the rows that produce annotated keys):", "",
                   "| task | model | test | " + " | ".join(ratio_arms) + " |",
                   "|---|---|---|" + "|".join("---" for _ in ratio_arms) + "|"]
@@ -589,7 +576,7 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
     for name, records in data.tests.items():
         res = evaluate(model, tok, records, checker=entry.task.checker_fn, batch_size=config.eval["batch_size"],
                        max_new_tokens=config.eval["max_new_tokens"], progress=progress,
-                       desc=f"{spec.run_id} {name}")
+                       desc=f"{spec.run_id} {name}", span_columns=trainer.args.cat_span_columns)
         tests[name] = {"accuracy": res.accuracy, "n": res.n, "correct": res.correct,
                        "attention_ratio": res.attention_ratio}
         predictions[name] = res.predictions

@@ -24,12 +24,11 @@ import io
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .records import Record
+from .records import Record, atomic_write_bytes
 
 CAUSAL_COLOR = "#d62728"
 OTHER_ANNOTATED_COLOR = "#ff9896"
@@ -76,7 +75,7 @@ def _label(text: str) -> str:
     return text.replace("\n", "⏎").strip()
 
 
-def explain_record(model, tokenizer, record: Record, use_prediction: bool = False, span_columns: str = "all",
+def explain_record(model, tokenizer, record: Record, use_prediction: bool = False, span_columns: str = "last",
                    max_new_tokens: int | None = None, record_index: int | None = None) -> Explanation:
     """Attention of the rows producing ``record``'s answer over its prompt tokens.
 
@@ -155,22 +154,8 @@ def save_png(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def plot_explanation(expl: Explanation, out_png: str | os.PathLike, title: str | None = None,
@@ -336,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     heat.add_argument("--record", type=int, default=0, help="0-based index of the record (default: 0)")
     heat.add_argument("--use-prediction", action="store_true",
                       help="rows producing the model's own greedy answer instead of the target")
-    heat.add_argument("--span-columns", choices=("all", "last"), default="all",
+    heat.add_argument("--span-columns", choices=("all", "last"), default="last",
                       help="value tokens marked causal: the whole span or its last token (default: all)")
     heat.add_argument("--show-special", action="store_true", help="also show BOS and other special tokens")
     heat.add_argument("--json", metavar="FILE", help="also write the numbers (tokens, weights, columns) as JSON")
@@ -361,8 +346,6 @@ def run(args) -> int:
     records = load_data(args.data)
     if not 0 <= args.record < len(records):
         raise ValueError(f"--record {args.record} is out of range: {args.data} has {len(records)} records")
-    import torch
-
     from .commands.common import load_model
 
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)

@@ -1,4 +1,4 @@
-"""The Re-Attention loss (CAT_METHOD.md section 3).
+"""The Re-Attention loss (docs/method.md section 3).
 
 For a supervised row, a1 is the mean attention on its causal columns and a0 the mean on
 every other visible column; rows whose ratio a1/a0 is below ``alpha`` are pushed up.
@@ -24,15 +24,29 @@ def row_terms(attn: torch.Tensor, causal: torch.Tensor, visible: torch.Tensor):
     other = visible & ~causal
     n1 = causal.sum(-1)
     n0 = other.sum(-1)
-    counted = (n1 > 0) & (n0 > 0)
+    counted = (n1 > 0) & (n0 > 0)  # = counted_rows(causal, visible)
     zero = attn.new_zeros(())
     a1 = torch.where(causal, attn, zero).sum(-1) / n1.clamp(min=1)
     a0 = torch.where(other, attn, zero).sum(-1) / n0.clamp(min=1)
     return a1, a0, counted
 
 
-def row_loss(a1: torch.Tensor, a0: torch.Tensor, counted: torch.Tensor, alpha: float, kind: str) -> torch.Tensor:
-    """Mean over counted rows of the per-row loss; rows with a1/a0 >= alpha add 0."""
+def counted_rows(causal: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Rows the loss averages over: a visible causal column and a visible other one.
+
+    Depends on the masks only, so a trainer can count a whole step's rows up front.
+    """
+    causal = causal & visible
+    return causal.any(-1) & (visible & ~causal).any(-1)
+
+
+def row_loss(a1: torch.Tensor, a0: torch.Tensor, counted: torch.Tensor, alpha: float, kind: str,
+             reduction: str = "mean") -> torch.Tensor:
+    """Per-row loss over counted rows; rows with a1/a0 >= alpha add 0.
+
+    ``reduction="mean"``: divided by the number of counted rows (the paper's L_attn);
+    ``"sum"``: left for the caller to divide by a count over several batches.
+    """
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown Re-Attention loss kind {kind!r}; choose from {LOSS_KINDS}")
     positive = a0 > 0
@@ -52,6 +66,8 @@ def row_loss(a1: torch.Tensor, a0: torch.Tensor, counted: torch.Tensor, alpha: f
     else:  # hinge
         per_row = alpha - a1 / a0
     per_row = torch.where(active, per_row, torch.zeros_like(per_row))
+    if reduction == "sum":
+        return per_row.sum()
     return per_row.sum() / counted.sum().clamp(min=1)
 
 
@@ -88,8 +104,7 @@ def re_attention_loss(
         raise ValueError(f"attn and mask must both be [B, L, L], got {tuple(attn.shape)} and {tuple(mask.shape)}")
     B, L, _ = attn.shape
     rows = torch.arange(L, device=attn.device).expand(B, L)
-    visible = visible_columns(rows, L, attention_mask)
-    return row_loss(*row_terms(attn, mask.bool(), visible), alpha=alpha, kind=kind)
+    return re_attention_loss_rows(attn, rows, mask.bool(), alpha=alpha, kind=kind, attention_mask=attention_mask)
 
 
 def re_attention_loss_rows(

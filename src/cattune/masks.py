@@ -2,7 +2,7 @@
 
 For every occurrence of a KEY at tokens [k, k+n) and every occurrence of a VALUE at
 tokens [v, v+m) with v + m <= k, the rows k-1 .. k+n-2 (the positions that *predict*
-the key's tokens) get the value's tokens as causal columns (CAT_METHOD.md section 2).
+the key's tokens) get the value's tokens as causal columns (docs/method.md section 2).
 Text is located by character offsets from the tokenizer, so any fast tokenizer works
 without per-model special cases.
 

@@ -116,9 +116,14 @@ def record_from_json(obj: Any) -> Record:
     return Record(prompt=obj["input"], target=target, important=important, meta=meta, target_json=raw)
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[Record]:
+def iter_json_lines(path: str | os.PathLike, parse=record_from_json) -> Iterator[tuple[int, Any]]:
+    """``(line number, parse(object))`` for each non-blank line of a JSONL file.
+
+    A line that is not JSON, or that ``parse`` rejects with ``ValueError``, raises
+    RecordError naming the file and the line.
+    """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     with path.open(encoding="utf-8-sig") as f:  # -sig: files saved by Windows tools start with a BOM
         for lineno, line in enumerate(f, start=1):
@@ -129,9 +134,15 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
             except json.JSONDecodeError as e:
                 raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             try:
-                yield record_from_json(obj)
+                yield lineno, parse(obj)
             except ValueError as e:
                 raise RecordError(f"{path}:{lineno}: {e}") from None
+
+
+def iter_records(path: str | os.PathLike, with_lines: bool = False) -> Iterator:
+    """Records of a JSONL file, or ``(line number, Record)`` pairs with ``with_lines``."""
+    for lineno, record in iter_json_lines(path):
+        yield (lineno, record) if with_lines else record
 
 
 def load_records(path: str | os.PathLike) -> list[Record]:
@@ -148,23 +159,47 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so that readers see the old content or the new, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-            # mkstemp creates the file 0600; give it the mode a plain open() would have
-            # (or keep the replaced file's), so others can still read the data.
-            os.chmod(tmp, _mode_for(path))
+        # mkstemp creates the file 0600; give it the mode a plain open() would have
+        # (or keep the replaced file's), so others can still read the data.
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def load_config_file(path: str | os.PathLike, error: type[Exception] = ValueError):
+    """Parse a JSON (.json) or YAML (any other name) file; a syntax error raises ``error``
+    naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
 
 
 def dumps_record(record: Record) -> str:

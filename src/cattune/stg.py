@@ -3,7 +3,7 @@
 STG_E ("easy"): cancer risk from Smoking/Weight/Exercise; three spurious items copy the
 causes in the IID splits and are drawn independently in the OOD split.
 STG_H ("hard"): an integer air-quality index from six causes, five spurious and three
-irrelevant items. Definitions: CAT_METHOD.md section 5. Annotations are written by the
+irrelevant items. Definitions: docs/method.md section 5. Annotations are written by the
 programmatic annotator (``cattune.annotate.RuleAnnotator``), the same mechanism users
 get with ``cattune annotate --rule``.
 """
@@ -23,9 +23,7 @@ E_UNRELATED = ("Certain gene", "Room size")
 # The rule the programmatic annotator applies to STG_E: the label attends to the
 # "Name: value" item of each cause, in prompt order.
 E_RULE = {"key": "{target}", "values": [rf"\b{name}: \d+" for name in E_CAUSAL]}
-# Placebo rule: the same number of items, but the two unrelated ones plus one spurious
-# item, so that the columns carry no causal information (see cattune.tasks).
-E_PLACEBO_RULE = {"key": "{target}", "values": [rf"\b{name}: \d+" for name in (*E_UNRELATED, "Hormones")]}
+
 
 H_CAUSAL = (
     ("Industrial Emissions", "{:.1f}"),

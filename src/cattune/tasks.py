@@ -47,9 +47,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .evaluate import CHECKERS, final_answer, parse_number
+from .evaluate import CHECKERS, final_answer
 from .masks import find_occurrences
-from .records import Record, RecordError, normalize_important, record_from_json
+from .records import Record, iter_json_lines, load_config_file, normalize_important, record_from_json
 
 SOURCE_KINDS = ("stg", "files", "hub")
 TARGET_TRANSFORMS = ("none", "final_answer", "number", "choice_letter", "strip")
@@ -256,27 +256,18 @@ def _load_file(path: Path, source: dict, task: str) -> list[Record]:
     are; other rows go through the source's ``input`` template and ``target`` field."""
     if not path.is_file():
         raise FileNotFoundError(f"task {task}: {path}: no such file")
-    out = []
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if isinstance(row, dict) and "input" in row and "target" in row:
-                    out.append(record_from_json(row))
-                elif "input" in source:
-                    if not isinstance(row, dict):
-                        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                    out.append(map_row(row, source))
-                else:
-                    raise ValueError("not in the paper's format (fields 'input' and 'target'), and the task's "
-                                     "source has no 'input' template to map other fields")
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except ValueError as e:
-                raise RecordError(f"{path}:{lineno}: {e}") from None
-    return out
+
+    def parse(row) -> Record:
+        if isinstance(row, dict) and "input" in row and "target" in row:
+            return record_from_json(row)
+        if "input" not in source:
+            raise ValueError("not in the paper's format (fields 'input' and 'target'), and the task's "
+                             "source has no 'input' template to map other fields")
+        if not isinstance(row, dict):
+            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        return map_row(row, source)
+
+    return [record for _, record in iter_json_lines(path, parse)]
 
 
 def _hub_load_dataset(name: str, config: str | None, split: str):
@@ -403,18 +394,7 @@ def task_from_dict(obj: dict, base_dir: str | os.PathLike | None = None) -> Task
 def load_task_file(path: str | os.PathLike, register: bool = True, overwrite: bool = True) -> list[Task]:
     """Read task definitions from YAML or JSON: one object, a list, or ``{"tasks": [...]}``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such task file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    data = load_config_file(path, error=TaskError)
     if isinstance(data, dict) and "tasks" in data:
         data = data["tasks"]
     if isinstance(data, dict):
@@ -437,7 +417,7 @@ def _builtin() -> None:
     e_items = (*stg.E_CAUSAL, *stg.E_SPURIOUS)
     register_task(Task(
         name="STG_E",
-        description="Spurious Token Game, easy: cancer risk label (CAT_METHOD.md section 5)",
+        description="Spurious Token Game, easy: cancer risk label (docs/method.md section 5)",
         source={"stg": "E", "seed": 42, "tokenizer_split": "train_L"},
         checker="exact",
         train_split="train_M",
@@ -452,7 +432,7 @@ def _builtin() -> None:
     h_items = [n for n, _ in (*stg.H_CAUSAL, *stg.H_SPURIOUS)]
     register_task(Task(
         name="STG_H",
-        description="Spurious Token Game, hard: integer air-quality index (CAT_METHOD.md section 5)",
+        description="Spurious Token Game, hard: integer air-quality index (docs/method.md section 5)",
         source={"stg": "H", "seed": 42, "tokenizer_split": "train"},
         checker="numeric",
         train_split="train_M",

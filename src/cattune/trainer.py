@@ -1,7 +1,7 @@
 """CATConfig and CATTrainer: the Hugging Face Trainer plus one idea, the Re-Attention loss.
 
 loss = CE(answer tokens) + gamma(t) * L_attn, with L_attn computed on the attention rows
-that produce annotated keys (CAT_METHOD.md section 3). With ``cat_gamma=0`` the loss is
+that produce annotated keys (docs/method.md section 3). With ``cat_gamma=0`` the loss is
 exactly plain supervised fine-tuning.
 """
 
@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .attention import AttentionProbe, use_row_probe
-from .loss import LOSS_KINDS, attention_ratio, row_loss, row_terms, visible_columns
+from .loss import LOSS_KINDS, attention_ratio, counted_rows, row_loss, row_terms, visible_columns
 from .masks import SPAN_COLUMNS, EncodedRecord, collate, encode_record
 from .records import Record, record_from_json
 
@@ -77,11 +77,20 @@ class CATConfig(TrainingArguments):
         metadata={"help": "Value tokens that become causal columns.", "choices": list(SPAN_COLUMNS)},
     )
     max_length: int = field(default=256, metadata={"help": "Maximum tokens per record (prompt cut from the left)."})
+    report_to: None | str | list[str] = field(
+        default="auto",
+        metadata={"help": "Where logs go: 'auto' = TensorBoard when installed, else none; or any "
+                  "TrainingArguments value ('none', 'tensorboard', 'wandb', ...)."},
+    )
     # Trainer defaults that suit this data: our collator needs every field it gets.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the causal-structure fields."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
 
     def __post_init__(self):
+        if self.report_to == "auto":
+            import importlib.util
+
+            self.report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
         super().__post_init__()
         if self.cat_loss not in LOSS_KINDS:
             raise ValueError(f"cat_loss must be one of {LOSS_KINDS}, got {self.cat_loss!r}")
@@ -177,6 +186,11 @@ class CATTrainer(Trainer):
             raise TypeError("CATTrainer needs a CATConfig (a TrainingArguments subclass with CAT's fields)")
         if processing_class is None:
             raise ValueError("CATTrainer needs the tokenizer as processing_class")
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"{args.n_gpu} GPUs in one process (torch DataParallel) are not supported: the attention probe needs "
+                "one batch per process. Launch with torchrun or accelerate launch (DDP), see docs/distributed.md"
+            )
         tokenizer = prepare_tokenizer(processing_class)
         self.encode_stats: dict[str, dict] = {}
         train_records = to_records(train_dataset)
@@ -190,7 +204,7 @@ class CATTrainer(Trainer):
         kwargs.setdefault("data_collator", CATCollator(tokenizer.pad_token_id))
         super().__init__(model=model, args=args, train_dataset=encoded_train, eval_dataset=encoded_eval,
                          processing_class=tokenizer, **kwargs)
-        self._cat_metrics: dict[str, list[float]] = defaultdict(list)
+        self._cat_metrics: dict[str, list[tuple[float, int]]] = defaultdict(list)
 
     def _encode(self, name, tokenizer, records, args):
         data, stats = encode_dataset(tokenizer, records, args.max_length, args.cat_span_columns)
@@ -212,53 +226,95 @@ class CATTrainer(Trainer):
 
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
         # Mirrors Trainer.training_step: when the CE is already normalised over the whole
-        # accumulated batch, the Trainer does not divide by the accumulation steps, so we
-        # divide our per-micro-batch mean ourselves and both terms are scaled alike.
-        if self.loss_is_scaled_for_ga is not None:
+        # accumulated batch the Trainer does not divide by the accumulation steps.
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
             return self.loss_is_scaled_for_ga
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # As the Trainer counts a step's answer tokens for the CE, count the rows the
+        # Re-Attention loss averages over across the step's micro-batches and processes:
+        # L_attn is then the mean over the global batch's rows, however they are split.
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        rows = 0
+        for batch in batch_samples:
+            if "cat_rows" in batch and batch["cat_rows"].numel():
+                visible = visible_columns(batch["cat_rows"], batch["cat_causal"].shape[-1], batch["attention_mask"])
+                rows += int(counted_rows(batch["cat_causal"], visible).sum())
+        if self.args.world_size > 1:
+            rows = int(self.accelerator.reduce(torch.tensor(rows, device=device), reduction="sum"))
+        self._cat_step_rows = rows
+        return batch_samples, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.pop("cat_rows", None)
         causal = inputs.pop("cat_causal", None)
-        gamma = self.cat_gamma_now() if model.training else 0.0
-        if rows is None or rows.numel() == 0 or not model.training:
+        if not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        gamma = self.cat_gamma_now()
+        supervised = rows is not None and rows.numel() > 0
         # With gamma = 0 the probe runs detached: the ratio is logged, the loss is plain CE.
-        probe = AttentionProbe(rows, detach=gamma == 0)
-        loss, outputs = super().compute_loss(model, {**inputs, "cat_probe": probe}, return_outputs=True,
+        probe = AttentionProbe(rows, detach=gamma == 0) if supervised else None
+        extra = {"cat_probe": probe} if supervised else {}
+        loss, outputs = super().compute_loss(model, {**inputs, **extra}, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
-        probe.close()
-        attn = probe.result()
-        visible = visible_columns(rows, attn.shape[-1], inputs.get("attention_mask"))
-        a1, a0, counted = row_terms(attn, causal, visible)
-        l_attn = row_loss(a1, a0, counted, self.args.cat_alpha, self.args.cat_loss)
-        ga = self.current_gradient_accumulation_steps if self._loss_scaled_for_ga(num_items_in_batch) else 1
-        total = loss + (gamma / ga) * l_attn if gamma > 0 else loss
+        scaled = self._loss_scaled_for_ga(num_items_in_batch)
+        ga = self.current_gradient_accumulation_steps
 
-        values = {
-            "loss_ce": loss.detach().item() * ga,
-            "loss_attn": l_attn.detach().item(),
-            "gamma": gamma,
-            "attn_ratio": attention_ratio(a1.detach(), a0.detach(), counted).item(),
-        }
-        if not all(math.isfinite(v) for v in values.values()):
+        # Logged as (sum, count) pairs so that averages over steps and processes are
+        # exact. The CE the Trainer returns carries its own scalings (accumulation,
+        # processes): undo them to get this micro-batch's sum over answer tokens.
+        tokens = int(inputs["labels"][..., 1:].ne(-100).sum())
+        if scaled and num_items_in_batch is not None:
+            proc = self.args.world_size if self.args.average_tokens_across_devices else 1
+            ce_sum = loss.detach().item() / proc * float(num_items_in_batch)
+        else:
+            ce_sum = loss.detach().item() * (ga if scaled else 1) * tokens
+        values = {"loss_ce": (ce_sum, tokens), "gamma": (gamma, 1)}
+        total = loss
+        if supervised:
+            probe.close()
+            attn = probe.result()
+            visible = visible_columns(rows, attn.shape[-1], inputs.get("attention_mask"))
+            a1, a0, counted = row_terms(attn, causal, visible)
+            l_sum = row_loss(a1, a0, counted, self.args.cat_alpha, self.args.cat_loss, reduction="sum")
+            step_rows = getattr(self, "_cat_step_rows", None)
+            if step_rows is None:  # compute_loss called outside the training loop
+                step_rows, ga_rows = int(counted.sum()), 1
+            else:  # the step's count covers every micro-batch; undo the Trainer's division by ga
+                ga_rows = 1 if scaled else ga
+            if gamma > 0:
+                # DDP averages gradients over processes: multiply back so that the sum over
+                # processes divided by the global row count is what each gradient carries.
+                total = loss + gamma * l_sum * (self.args.world_size * ga_rows / max(step_rows, 1))
+            n_ok = int((counted & (a0.detach() > 0)).sum())
+            values["loss_attn"] = (l_sum.detach().item(), int(counted.sum()))
+            values["attn_ratio"] = (attention_ratio(a1.detach(), a0.detach(), counted).item() * n_ok, n_ok)
+        if not all(math.isfinite(num) for num, _ in values.values()):
             step = self.state.global_step + 1
+            attn_value = values.get("loss_attn", (0.0, 1))
             raise CATTrainingError(
-                f"non-finite loss at step {step} (CE {values['loss_ce']}, attention {values['loss_attn']}); "
+                f"non-finite loss at step {step} (CE {loss.item()}, attention sum {attn_value[0]}); "
                 f"training stopped. Checkpoints already written in {self.args.output_dir} are kept; "
                 "lower the learning rate or cat_gamma, or check the data."
             )
-        for k, v in values.items():
-            self._cat_metrics[k].append(v)
+        for k, pair in values.items():
+            self._cat_metrics[k].append(pair)
         return (total, outputs) if return_outputs else total
 
+    LOGGED = ("attn_ratio", "gamma", "loss_attn", "loss_ce")
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Averages of CAT's terms since the last log, next to the Trainer's own loss.
-        if self._cat_metrics and "loss" in logs:
-            for k, v in self._cat_metrics.items():
-                logs[k] = round(sum(v) / len(v), 6)
+        # Averages of CAT's terms since the last log, next to the Trainer's own loss. With
+        # several processes every rank joins the reduction (a rank without supervised rows
+        # too, or the others would wait for it), over the same keys in the same order.
+        if "loss" in logs and (self._cat_metrics or self.args.world_size > 1):
+            sums = torch.tensor([[sum(p[i] for p in self._cat_metrics.get(k, ())) for i in (0, 1)]
+                                 for k in self.LOGGED], dtype=torch.float64, device=self.args.device)
+            if self.args.world_size > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            logs.update({k: round(num / den, 6) for k, (num, den) in zip(self.LOGGED, sums.tolist()) if den > 0})
             self._cat_metrics.clear()
         super().log(logs, start_time)
 

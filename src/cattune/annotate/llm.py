@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..masks import find_occurrences
-from ..records import Annotation, Record, RecordError, record_from_json
+from ..records import Annotation, Record, RecordError, iter_records
 
 SYSTEM_PROMPT = """\
 You annotate training records for Causal Attention Tuning. A record is a prompt \
@@ -106,28 +106,8 @@ def load_demos(spec: str | os.PathLike) -> list[Record]:
 
 
 def read_records(path: str | os.PathLike) -> list[tuple[int, Record]]:
-    """``(line number, Record)`` for every non-blank line; RecordError names file:line.
-
-    Like ``records.load_records`` but keeps line numbers, which the annotator needs for
-    ids and for messages about a record.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            try:
-                out.append((lineno, record_from_json(obj)))
-            except ValueError as e:
-                raise RecordError(f"{path}:{lineno}: {e}") from None
-    return out
+    """``(line number, Record)`` for every non-blank line: ids and messages need the line."""
+    return list(iter_records(path, with_lines=True))
 
 
 # --------------------------------------------------------------------------- prompt

@@ -9,11 +9,10 @@ A file passed to ``cattune annotate --rule`` holds one rule object or a list of 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from ..records import Annotation, Record
+from ..records import Annotation, Record, load_config_file
 
 
 class RuleAnnotator:
@@ -57,17 +56,7 @@ class RuleAnnotator:
 
 
 def load_rules(path: str | Path) -> RuleAnnotator:
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    data = load_config_file(path)
     if isinstance(data, dict):
         data = [data]
     try:

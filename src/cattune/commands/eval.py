@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checker", choices=sorted(CHECKERS), default="exact", help="answer checker")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest target + 4 tokens")
+    p.add_argument("--span-columns", choices=["last", "all"], default="last",
+                   help="value tokens counted as causal for the attention ratio (as in training)")
     p.add_argument("--out", default=None, help="JSON output (default: MODEL/eval_results.json)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")
     return p
@@ -32,7 +34,7 @@ def run(args) -> int:
     results, rows = {}, []
     for path, records in datasets.items():
         res = evaluate(model, tokenizer, records, checker=args.checker, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, desc=Path(path).name)
+                       max_new_tokens=args.max_new_tokens, desc=Path(path).name, span_columns=args.span_columns)
         results[path] = res.to_json()
         ratio = "-" if res.attention_ratio is None else f"{res.attention_ratio:.2f}"
         rows.append([path, res.n, res.accuracy, ratio])

@@ -23,7 +23,9 @@ FSDP / DeepSpeed: pass --fsdp / --deepspeed CONFIG as for any Trainer (docs/dist
 @dataclass
 class TrainArguments:
     train: str = field(metadata={"help": "Training records (JSONL: input, target, important)."})
-    eval: str | None = field(default=None, metadata={"help": "Held-out records: eval loss and accuracy after training."})
+    eval: str | None = field(
+        default=None, metadata={"help": "Held-out records: accuracy after training (on the main process)."}
+    )
     model: str | None = field(
         default=None,
         metadata={"help": "Local directory or hub id of a causal LM. Default: the embedded tiny Llama, "
@@ -47,9 +49,13 @@ def build_parser():
 
 
 def parse(parser, argv):
-    if "--out" not in argv and "--output_dir" not in argv and not any(a in ("-h", "--help") for a in argv):
+    names = {a.split("=", 1)[0] for a in argv}
+    if not names & {"--out", "--output_dir", "--output-dir", "-h", "--help"}:
         parser.error("--out DIR is required")
-    targs, config = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        targs, config = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # unknown options, or a CATConfig value out of range
+        parser.error(str(e))
     return targs, config
 
 
@@ -77,7 +83,8 @@ def run(args) -> int:
     if eval_records and trainer.is_world_process_zero():
         from ..evaluate import evaluate
 
-        res = evaluate(trainer.model, tokenizer, eval_records, checker=targs.checker)
+        res = evaluate(trainer.model, tokenizer, eval_records, checker=targs.checker,
+                       span_columns=config.cat_span_columns)
         report["eval"] = {"accuracy": res.accuracy, "n": res.n, "attention_ratio": res.attention_ratio}
         print(f"eval accuracy on {targs.eval}: {res.accuracy:.3f} ({res.correct}/{res.n})")
     if trainer.is_world_process_zero():

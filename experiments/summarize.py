@@ -1,0 +1,24 @@
+"""Mean validation accuracy per configuration over seeds, from tune_log.jsonl."""
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+KEYS = ("gamma", "alpha", "span", "loss", "epochs", "lr", "wd", "dropout", "layers", "hidden", "whole_numbers", "digits")
+runs = defaultdict(list)
+for line in Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("tune_log.jsonl")).open():
+    d = json.loads(line)
+    d.setdefault("loss", "div")  # before the --loss flag every run used "div"
+    if "digits" in d:  # current flag
+        whole = not d["digits"]
+    else:  # older lines: a --whole-numbers flag (absent before it existed: digits were split)
+        whole = bool(d.get("whole_numbers"))
+    d["whole_numbers"], d["digits"] = bool(whole), not whole
+    runs[tuple((k, d.get(k)) for k in KEYS)].append(d)
+print("| config | seeds | val IID | val OOD | OOD per seed |")
+print("|---|---|---|---|---|")
+for cfg, rs in sorted(runs.items(), key=lambda kv: -statistics.mean(r["val_ood"] for r in kv[1])):
+    label = ", ".join(f"{k}={v}" for k, v in cfg if k != "whole_numbers" and (k not in ("digits", "dropout") or v))
+    print(f"| {label} | {len(rs)} | {statistics.mean(r['val_iid'] for r in rs):.3f} | "
+          f"{statistics.mean(r['val_ood'] for r in rs):.3f} | {' '.join(format(r['val_ood'], '.3f') for r in rs)} |")
