@@ -1,13 +1,11 @@
 #!/usr/bin/env python
 """Speed of the Re-Attention loss: vectorised vs the release's per-row Python loop.
 
-Four implementations of the same number (docs/method.md section 3, kind "div"):
+Three implementations of the same number (docs/method.md section 3, kind "div"):
 
 - ``loop``: the paper release's form, written here: Python loops over the batch and the
   rows of the dense [B, L, L] averaged map, one small tensor expression per row.
 - ``dense``: ``cattune.loss.re_attention_loss`` on the same [B, L, L] map and mask M.
-- ``dense_rows_first``: a proposed body for ``re_attention_loss`` (written here): same
-  inputs and number, the rows without a causal column dropped before ``row_terms``.
 - ``rows``: ``cattune.loss.re_attention_loss_rows`` on the supervised rows only
   ([B, R, L], what training gets from the row probe).
 
@@ -15,7 +13,7 @@ The map is a random causal softmax, a fraction ``--density`` of the rows supervi
 ``--cols`` causal columns each. Every call is forward + backward (the gradient with
 respect to the map), timed interleaved (the order alternates every repeat), median of
 ``--repeats``, in wall-clock and in this process's CPU time (steadier when other jobs
-share the cores). The values and the gradients of all four are checked to agree first.
+share the cores). The values and the gradients of all three are checked to agree first.
 
 The loop is slow mostly in backward: each row's ``attn[b, i, :i + 1]`` is a slice whose
 gradient autograd materialises at the full [B, L, L] size and adds into the map's
@@ -36,7 +34,7 @@ import time
 import _common
 import torch
 
-from cattune.loss import re_attention_loss, re_attention_loss_rows, row_loss, row_terms
+from cattune.loss import re_attention_loss, re_attention_loss_rows
 
 
 def loop_loss(attn: torch.Tensor, mask: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
@@ -58,20 +56,6 @@ def loop_loss(attn: torch.Tensor, mask: torch.Tensor, alpha: float = 2.0) -> tor
             if a0 > 0 and a1 / a0 < alpha:
                 total = total + (-torch.log1p(a1) / torch.log1p(a0))
     return total / max(counted, 1)
-
-
-def dense_supervised_rows(attn: torch.Tensor, mask: torch.Tensor, alpha: float = 2.0, kind: str = "div",
-                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A proposed body for ``re_attention_loss``: the same number from the same [B, L, L]
-    inputs, but ``row_terms`` runs on the rows that have a causal column only (no other row
-    can count), instead of on all B x L rows with several [B, L, L] temporaries."""
-    L = attn.shape[-1]
-    mask = mask.bool()
-    b, i = mask.any(-1).nonzero(as_tuple=True)
-    visible = torch.arange(L, device=attn.device) <= i.unsqueeze(-1)
-    if attention_mask is not None:
-        visible = visible & attention_mask.bool()[b]
-    return row_loss(*row_terms(attn[b, i], mask[b, i], visible), alpha=alpha, kind=kind)
 
 
 def make_inputs(B: int, L: int, density: float, cols: int, seed: int):
@@ -101,8 +85,6 @@ def run_impl(name: str, attn: torch.Tensor, mask, rows, causal, alpha: float):
         loss = loop_loss(x, mask, alpha)
     elif name == "dense":
         loss = re_attention_loss(x, mask, alpha=alpha, kind="div")
-    elif name == "dense_rows_first":
-        loss = dense_supervised_rows(x, mask, alpha=alpha, kind="div")
     else:
         B, R = rows.shape
         attn_rows = x.gather(1, rows.unsqueeze(-1).expand(B, R, x.shape[-1]))
@@ -130,7 +112,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = _common.machine()  # the load average as the run starts
-    impls = ["loop", "dense", "dense_rows_first", "rows"]
+    impls = ["loop", "dense", "rows"]
     results = []
     t_start = time.perf_counter()
     for L in [int(x) for x in args.lengths.split(",") if x]:
