@@ -5,7 +5,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-KEYS = ("gamma", "alpha", "span", "loss", "epochs", "lr", "wd", "dropout", "layers", "hidden", "whole_numbers", "digits")
+KEYS = ("gamma", "alpha", "span", "loss", "epochs", "lr", "bs", "wd", "dropout", "layers", "hidden", "whole_numbers", "digits")
 runs = defaultdict(list)
 for line in Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("tune_log.jsonl")).open():
     d = json.loads(line)
