@@ -183,30 +183,33 @@ def runs(stg_e_released, svamp_train, tmp_path_factory) -> Runs:
     # Annotated and plain records: in every global batch of 8, the 4 that rank 1 gets have
     # no annotation, so rank 1 has no supervised row (and no CAT metric) at all.
     save_records(data["mixed"], [r if i % 8 < 4 else replace(r, important=[]) for i, r in enumerate(stg)])
-    procs = {}
     env = _env()
     start = time.monotonic()
-    for which, per_device, runs_ in (
-        ("two", 4, [("stg", 1.0), ("svamp", 1.0)]),
-        ("two_mixed", 4, [("mixed", 1.0)]),
-        ("one", 8, [("stg", 1.0), ("stg", 2.0), ("svamp", 1.0), ("mixed", 1.0)]),
-    ):
+
+    def launch(which, per_device, runs_, watchdog=None):
         out = tmp / which
         out.mkdir()
         spec = {"out": str(out), "per_device": per_device, "steps": STEPS,
                 "runs": [{"name": f"{d}_{g}", "data": str(data[d]), "gamma": g} for d, g in runs_]}
-        if which == "two_mixed":
-            spec["watchdog"] = 25  # seconds: it needs ~5; a hang ends here instead of never
+        if watchdog:
+            spec["watchdog"] = watchdog
         (tmp / f"{which}.json").write_text(json.dumps(spec))
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if which != "one" else []
         # Output to a file, not a pipe: a worker left behind must not keep the test waiting.
         with open(tmp / f"{which}.log", "w") as log:
-            procs[which] = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, *launcher, str(tmp / "worker.py"), str(tmp / f"{which}.json")],
                 cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
-    _check(procs["one"], tmp / "one.log", "single process")
-    _check(procs["two"], tmp / "two.log", "torch.distributed.run with 2 processes")
-    mixed = _finish(procs["two_mixed"], tmp / "two_mixed.log", timeout=120)
+
+    one = launch("one", 8, [("stg", 1.0), ("stg", 2.0), ("svamp", 1.0), ("mixed", 1.0)])
+    # The two torchrun launches run one after the other: --standalone probes for a free port,
+    # and two launchers probing at once can pick the same one.
+    two = launch("two", 4, [("stg", 1.0), ("svamp", 1.0)])
+    _check(two, tmp / "two.log", "torch.distributed.run with 2 processes")
+    # seconds: it needs ~5; a hang ends here instead of never
+    two_mixed = launch("two_mixed", 4, [("mixed", 1.0)], watchdog=60)
+    _check(one, tmp / "one.log", "single process")
+    mixed = _finish(two_mixed, tmp / "two_mixed.log", timeout=150)
     runs = Runs(one=tmp / "one", two=tmp / "two", two_mixed=tmp / "two_mixed", mixed_exit=mixed,
                 seconds=time.monotonic() - start)
     assert runs.result("one")["world_size"] == 1 and runs.result("two")["world_size"] == 2

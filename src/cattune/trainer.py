@@ -205,6 +205,13 @@ class CATTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=encoded_train, eval_dataset=encoded_eval,
                          processing_class=tokenizer, **kwargs)
         self._cat_metrics: dict[str, list[tuple[float, int]]] = defaultdict(list)
+        self._cat_step_rows: int | None = None  # counted rows of the current optimizer step
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # the count belongs to the loop: a later compute_loss must not reuse it
+            self._cat_step_rows = None
 
     def _encode(self, name, tokenizer, records, args):
         data, stats = encode_dataset(tokenizer, records, args.max_length, args.cat_span_columns)
@@ -279,7 +286,7 @@ class CATTrainer(Trainer):
             visible = visible_columns(rows, attn.shape[-1], inputs.get("attention_mask"))
             a1, a0, counted = row_terms(attn, causal, visible)
             l_sum = row_loss(a1, a0, counted, self.args.cat_alpha, self.args.cat_loss, reduction="sum")
-            step_rows = getattr(self, "_cat_step_rows", None)
+            step_rows = self._cat_step_rows
             if step_rows is None:  # compute_loss called outside the training loop
                 step_rows, ga_rows = int(counted.sum()), 1
             else:  # the step's count covers every micro-batch; undo the Trainer's division by ga
