@@ -1,4 +1,4 @@
-"""Choose the demo's defaults on validation data (STG_E generated with seed 7), never on a test set.
+"""Choose the demo's defaults on validation data (STG_E or STG_H generated with seed 7), never on a test set.
 
     python experiments/tune_stg.py --gamma 1 --span last --epochs 30 ... >> experiments/tune_log.jsonl
 Each call trains one configuration on STG_E train_M (seed 42) and prints one JSON line with
@@ -27,22 +27,32 @@ p.add_argument("--seed", type=int, default=0)
 p.add_argument("--layers", type=int, default=2)
 p.add_argument("--hidden", type=int, default=128)
 p.add_argument("--dropout", type=float, default=0.0)
+p.add_argument("--heads", type=int, default=8)
+p.add_argument("--inter", type=int, default=2, help="MLP width as a multiple of hidden")
+p.add_argument("--warmup", type=float, default=0.1)
+p.add_argument("--sched", default="cosine")
 p.add_argument("--threads", type=int, default=1)
-p.add_argument("--split", default="train_M")
+p.add_argument("--variant", default="E", choices=["E", "H"])
+p.add_argument("--split", default=None, help="training split (default: train_M for E, train for H)")
+p.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N validation records")
 p.add_argument("--digits", action="store_true", help="one token per digit")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
-data = stg.generate("E")
-val = stg.generate("E", seed=7)
-model, tok = build([r.text for r in data["train_L"]], seed=a.seed, num_hidden_layers=a.layers,
-                   hidden_size=a.hidden, individual_digits=a.digits, intermediate_size=2 * a.hidden, attention_dropout=a.dropout)
+data = stg.generate(a.variant)
+val = stg.generate(a.variant, seed=7)
+a.split = a.split or ("train_M" if a.variant == "E" else "train")
+checker = "exact" if a.variant == "E" else "numeric"
+model, tok = build([r.text for r in data["train_L" if a.variant == "E" else "train"]], seed=a.seed, num_hidden_layers=a.layers,
+                   hidden_size=a.hidden, individual_digits=a.digits, intermediate_size=a.inter * a.hidden, attention_dropout=a.dropout,
+                   num_attention_heads=a.heads, num_key_value_heads=a.heads)
 args = CATConfig(output_dir="/tmp/tune", cat_gamma=a.gamma, cat_alpha=a.alpha, cat_span_columns=a.span, cat_loss=a.loss,
                  cat_gamma_decay=a.decay, num_train_epochs=a.epochs, per_device_train_batch_size=a.bs,
-                 learning_rate=a.lr, weight_decay=a.wd, warmup_steps=0.1, lr_scheduler_type="cosine",
+                 learning_rate=a.lr, weight_decay=a.wd, warmup_steps=a.warmup, lr_scheduler_type=a.sched,
                  save_strategy="no", logging_steps=50, report_to=[], disable_tqdm=True, use_cpu=True, seed=a.seed)
 t = time.time()
 CATTrainer(model=model, args=args, train_dataset=data[a.split], processing_class=tok).train()
 out = dict(vars(a), train_s=round(time.time() - t, 1))
-for name, recs in [("train", data[a.split][:400]), ("val_iid", val["iid_test"]), ("val_ood", val["ood_test"])]:
-    out[name] = evaluate(model, tok, recs, progress=False).accuracy
+for name, recs in [("train", data[a.split][:400]), ("val_iid", val["iid_test"][: a.val_limit]),
+                   ("val_ood", val["ood_test"][: a.val_limit])]:
+    out[name] = evaluate(model, tok, recs, checker=checker, progress=False).accuracy
 print(json.dumps(out), flush=True)

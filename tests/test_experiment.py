@@ -70,7 +70,12 @@ def test_shipped_stg_config():
     assert len(cfg.seeds) >= 5 and cfg.arms == ["baseline", "cat", "placebo"]
     assert [t.label for t in cfg.tasks] == ["STG_E_S", "STG_E_M", "STG_E_L", "STG_H_S", "STG_H_M", "STG_H_L"]
     assert all(m.is_tiny for m in cfg.models) and len(experiment.plan(cfg)) == 90
-    assert cfg.train["cat_span_columns"] == "last" and cfg.train["num_train_epochs"] == 30
+    assert cfg.train["cat_span_columns"] == "last_word" and cfg.train["num_train_epochs"] == 30
+    e, h = cfg.tasks[1], cfg.tasks[4]
+    assert experiment.train_args_for(cfg, e, "cat")["cat_alpha"] == 50.0
+    assert {k: experiment.train_args_for(cfg, h, "cat")[k] for k in ("cat_alpha", "cat_gamma_decay", "num_train_epochs")} \
+        == {"cat_alpha": 2.0, "cat_gamma_decay": 1.0, "num_train_epochs": 10}
+    assert experiment.train_args_for(cfg, h, "baseline")["cat_gamma"] == 0.0
     with pytest.raises(FileNotFoundError, match="shipped: .*stg"):
         load_config("builtin:nope")
 
@@ -216,3 +221,62 @@ def test_micro_experiment_is_resumable(tmp_path, capsys):
     assert len(report.changed) == 12 and not report.ran
     assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--dry-run"]) == 0
     assert not list(out.glob(".*"))  # no temporary training directories left behind
+
+
+def test_math_experiment_with_a_local_model_directory(tmp_path):
+    # What a user with a downloaded checkpoint does: a model directory (config, weights,
+    # tokenizer files) named by path, full fine-tuning and LoRA, on SVAMP.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cattune.records import load_records
+    from cattune.tiny import train_tokenizer
+
+    train = DATA / "svamp_train_annotated.jsonl"
+    tok = train_tokenizer([r.text for r in load_records(train)], "bytelevel", vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**dict(TINY, vocab_size=len(tok)), bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model_dir = tmp_path / "my-model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    cfg = micro(tmp_path, seeds=1, arms=["baseline", "cat"],
+                models=[{"name": "local", "path": str(model_dir)},
+                        {"name": "local-lora", "path": str(model_dir), "lora": {"target_modules": ["q_proj", "v_proj"]}}],
+                tasks=[{"task": "SVAMP", "files": {"train": str(train), "test": str(DATA / "svamp_test.jsonl")},
+                        "train_limit": 16, "test_limit": 4}],
+                save_models=True)
+    out = tmp_path / "out"
+    report = run_experiment(load_config(cfg), out=out, log=lambda m: None)
+    assert report.complete and len(report.ran) == 4
+    results = lines(out / "results.jsonl")
+    assert {(r["model"], r["arm"]) for r in results} == {(m, a) for m in ("local", "local-lora") for a in ("baseline", "cat")}
+    for r in results:
+        assert r["n_train"] == 16 and r["steps"] == 2 and r["tests"]["test"]["n"] == 4
+    cat = next(r for r in results if r["model"] == "local" and r["arm"] == "cat")
+    history = json.loads((out / cat["log"]).read_text())["log_history"]
+    assert any(h.get("loss_attn", 0) != 0 for h in history)
+    # the model directory itself is left as it was
+    reloaded = LlamaForCausalLM.from_pretrained(model_dir).state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in before.items())
+    assert "| SVAMP | local-lora | test | 1 |" in (out / "summary.md").read_text()
+
+
+def test_parallel_jobs_give_the_same_results(tmp_path):
+    cfg = load_config(micro(tmp_path, arms=["baseline", "cat"], tasks=[
+        {"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 16, "test_limit": 6}]))
+    one = run_experiment(cfg, out=tmp_path / "one", log=lambda m: None)
+    two = run_experiment(cfg, out=tmp_path / "two", log=lambda m: None, jobs=2)
+    assert one.complete and two.complete and len(two.ran) == 4
+
+    def key(r):
+        return r["task"], r["arm"], r["seed"]
+
+    a, b = (sorted(lines(tmp_path / d / "results.jsonl"), key=key) for d in ("one", "two"))
+    assert [key(r) for r in a] == [key(r) for r in b]
+    for x, y in zip(a, b):
+        assert x["tests"] == y["tests"] and x["final_loss"] == y["final_loss"] and x["settings"] == y["settings"]
+    assert (tmp_path / "one" / "summary.csv").read_text() == (tmp_path / "two" / "summary.csv").read_text()
+    with pytest.raises(ValueError, match="jobs"):
+        run_experiment(cfg, out=tmp_path / "three", jobs=0)

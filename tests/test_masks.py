@@ -87,6 +87,28 @@ def test_hand_record_last_token_columns(word_tok):
     assert set(enc.pairs) == {(1, 1), (2, 1), (6, 1), (6, 4), (7, 1), (7, 4), (6, 5), (7, 5)}
 
 
+def test_hand_record_last_word_columns(word_tok):
+    # Word-level tokens: the last word is the last token, as with "last".
+    assert encode_record(word_tok, HAND, span_columns="last_word").pairs == \
+        encode_record(word_tok, HAND, span_columns="last").pairs
+
+
+def test_last_word_keeps_every_token_of_a_decimal(tokenizers, annotated_corpus):
+    # STG_H values ("41.9%") are several tokens; "last" keeps only the final one.
+    tok = tokenizers["bytelevel"]
+    record = annotated_corpus["stg_h"][0]
+    decoded = {}
+    for span_columns in ("last", "last_word"):
+        enc = encode_record(tok, record, span_columns=span_columns)
+        decoded[span_columns] = tok.decode([enc.input_ids[c] for c in enc.columns(enc.rows[0])])
+    values = record.important[0][1]
+    assert decoded["last_word"].replace(" ", "").replace(";", "") == "".join(values)
+    assert len(decoded["last"]) < len(decoded["last_word"])
+    stg_e = annotated_corpus["stg_e"][0]
+    assert encode_record(tok, stg_e, span_columns="last_word").pairs == \
+        encode_record(tok, stg_e, span_columns="last").pairs
+
+
 def test_without_eos(word_tok):
     enc = encode_record(word_tok, HAND, add_eos=False)
     assert enc.input_ids[-1] == C and enc.labels == [-100] * 7 + [B, C]
@@ -250,7 +272,13 @@ def reference_encode(tok, record, tokens, max_length=None, span_columns="all"):
                 elif vs[1] > ks[0]:
                     outcomes.append("share")
                 else:
-                    cols = [vs[1] - 1] if span_columns == "last" else range(*vs)
+                    if span_columns == "last":
+                        cols = [vs[1] - 1]
+                    elif span_columns == "last_word":
+                        word = text[vc[0]:vc[1]].split()[-1]  # spans are stripped of edge spaces
+                        cols = range(*token_span(vc[1] - len(word), vc[1]))
+                    else:
+                        cols = range(*vs)
                     pairs.update((row, col) for row in range(ks[0] - 1, ks[1] - 1) for col in cols)
                     outcomes.append("placed")
             if "placed" not in outcomes:
@@ -357,7 +385,7 @@ def test_truncated_real_records_match_the_reference(tokenizers, annotated_corpus
         records = annotated_corpus[corpus][::6]
         full = encoded_corpus[kind, corpus][::6]
         for i, (record, tokens) in enumerate(zip(records, tokenize_all(tok, records))):
-            span_columns = ("all", "last")[i % 2]
+            span_columns = ("all", "last", "last_word")[i % 3]
             enc = encode_record(tok, record, max_length=max_length, span_columns=span_columns)
             ids, labels, pairs, unaligned = reference_encode(tok, record, tokens, max_length, span_columns)
             assert (enc.input_ids, enc.labels, set(enc.pairs), enc.unaligned) == (ids, labels, pairs, unaligned)

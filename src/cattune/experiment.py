@@ -57,7 +57,7 @@ DEFAULT_TRAIN = {
     "cat_alpha": 50.0,
     "cat_gamma": 1.0,
     "cat_gamma_decay": 0.0,
-    "cat_span_columns": "last",
+    "cat_span_columns": "last_word",
     "logging_steps": 50,
 }
 # Set by the runner itself: a config that sets them is refused.
@@ -622,10 +622,26 @@ class ExperimentReport:
         return len(self.ran) + len(self.skipped) == len(self.planned)
 
 
+def _init_worker(threads: int | None) -> None:
+    """Start of a worker process for ``jobs > 1``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = None, max_runs: int | None = None,
                    dry_run: bool = False, log: Callable[[str], None] | None = None,
-                   progress: bool = False) -> ExperimentReport:
-    """Run every planned run not yet in ``OUT/results.jsonl``; see the module docstring."""
+                   progress: bool = False, jobs: int = 1) -> ExperimentReport:
+    """Run every planned run not yet in ``OUT/results.jsonl``; see the module docstring.
+
+    ``jobs > 1`` trains that many runs at once, each in its own process (with
+    ``config.threads`` torch threads, 1 if unset); results are appended as runs finish,
+    in any order.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out) if out is not None else config.output
     results_path = out / RESULTS
@@ -667,19 +683,52 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
     cache: dict[str, TaskData] = {}
     results = list(done)
     started = time.time()
-    for i, spec in enumerate(todo, 1):
-        entry, model_entry = entries[spec.task], models[spec.model]
+
+    def task_data(spec: RunSpec) -> TaskData:
         if spec.task not in cache:
-            cache.clear()  # one task's data in memory at a time (runs are ordered by task)
-            cache[spec.task] = load_task_data(entry, need_tokenizer_texts=any(m.is_tiny for m in config.models))
-        log(f"[{time.time() - started:6.0f}s] run {i}/{len(todo)}: {spec.run_id}")
-        result = run_one(config, entry, model_entry, spec, cache[spec.task], out, progress=progress)
+            if jobs == 1:
+                cache.clear()  # one task's data in memory at a time (runs are ordered by task)
+            cache[spec.task] = load_task_data(entries[spec.task],
+                                              need_tokenizer_texts=any(m.is_tiny for m in config.models))
+        return cache[spec.task]
+
+    def finished_run(spec: RunSpec, result: dict) -> None:
         append_result(results_path, result)
         results.append(result)
         report.ran.append(spec)
         accs = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in result["tests"].items())
-        log(f"          {spec.run_id}: {accs} ({result['seconds']:.0f}s)")
+        log(f"[{time.time() - started:6.0f}s] done {len(report.ran)}/{len(todo)}: {spec.run_id}: {accs} "
+            f"({result['seconds']:.0f}s)")
         report.rows = write_summary(out, results, config)
+
+    if jobs == 1:
+        for i, spec in enumerate(todo, 1):
+            log(f"[{time.time() - started:6.0f}s] run {i}/{len(todo)}: {spec.run_id}")
+            result = run_one(config, entries[spec.task], models[spec.model], spec, task_data(spec), out,
+                             progress=progress)
+            finished_run(spec, result)
+    elif todo:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        # spawn, not fork: the workers must not inherit torch's or the tokenizers' thread pools
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(config.threads or 1,)) as pool:
+            queue, running = list(todo), {}
+            try:
+                while queue or running:
+                    while queue and len(running) < jobs:  # submit lazily: one task's data pickled at a time
+                        spec = queue.pop(0)
+                        log(f"[{time.time() - started:6.0f}s] start {spec.run_id}")
+                        running[pool.submit(run_one, config, entries[spec.task], models[spec.model], spec,
+                                            task_data(spec), out, False)] = spec
+                    done_now, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in done_now:
+                        finished_run(running.pop(fut), fut.result())
+            except BaseException:
+                for fut in running:
+                    fut.cancel()
+                raise
     report.rows = write_summary(out, results, config) if results else []
     return report
 
@@ -691,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Run a grid of tasks x models x arms {baseline, cat, placebo} x seeds from a YAML config, "
         "resumably: results.jsonl gets one line per finished run, summary.md/summary.csv the table "
-        "(mean ± std over seeds, CAT - baseline and CAT - placebo with 95%% intervals). "
+        "(mean ± std over seeds, CAT - baseline and CAT - placebo with 95% intervals). "
         "Shipped config: builtin:stg (the STG table on the embedded model). Format: docs/experiments.md.",
     )
     p.add_argument("config", help="experiment YAML/JSON file, or builtin:NAME for a shipped one")
@@ -699,6 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, metavar="N", help="override the config's seeds with 0..N-1")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's 'threads', else torch's)")
     p.add_argument("--max-runs", type=int, metavar="N", help="stop after N new runs (run again to continue)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once, each in its own process with --threads torch threads (1 if unset); "
+                   "results are the same as one at a time (default: 1)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; train nothing")
     p.add_argument("--summary-only", action="store_true", help="rewrite summary.md/summary.csv from results.jsonl")
     p.add_argument("--progress", action="store_true", help="show training and evaluation progress bars")
@@ -720,7 +772,11 @@ def run(args) -> int:
         rows = write_summary(out, results, config)
         print(summary_markdown(rows, f"Experiment {config.name}", config.arms))
         return 0
-    report = run_experiment(config, out=out, max_runs=args.max_runs, dry_run=args.dry_run, progress=args.progress)
+    if args.jobs < 1:
+        print("--jobs must be at least 1", file=sys.stderr)
+        return 2
+    report = run_experiment(config, out=out, max_runs=args.max_runs, dry_run=args.dry_run, progress=args.progress,
+                            jobs=args.jobs)
     if args.dry_run:
         return 0
     if report.rows:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .masks import SPAN_COLUMNS
 from .records import Record, atomic_write_bytes
 
 CAUSAL_COLOR = "#d62728"
@@ -75,7 +76,7 @@ def _label(text: str) -> str:
     return text.replace("\n", "⏎").strip()
 
 
-def explain_record(model, tokenizer, record: Record, use_prediction: bool = False, span_columns: str = "last",
+def explain_record(model, tokenizer, record: Record, use_prediction: bool = False, span_columns: str = "last_word",
                    max_new_tokens: int | None = None, record_index: int | None = None) -> Explanation:
     """Attention of the rows producing ``record``'s answer over its prompt tokens.
 
@@ -321,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     heat.add_argument("--record", type=int, default=0, help="0-based index of the record (default: 0)")
     heat.add_argument("--use-prediction", action="store_true",
                       help="rows producing the model's own greedy answer instead of the target")
-    heat.add_argument("--span-columns", choices=("all", "last"), default="last",
-                      help="value tokens marked causal: the whole span or its last token (default: all)")
+    heat.add_argument("--span-columns", choices=SPAN_COLUMNS, default="last_word",
+                      help="value tokens marked causal, as in training (default: %(default)s)")
     heat.add_argument("--show-special", action="store_true", help="also show BOS and other special tokens")
     heat.add_argument("--json", metavar="FILE", help="also write the numbers (tokens, weights, columns) as JSON")
     heat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")

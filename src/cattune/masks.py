@@ -14,6 +14,10 @@ without per-model special cases.
   "Smoking: 8") cannot carry the value, yet attending to them satisfies the loss.
   Measured on STG_E, "all" leaves CAT no better than plain fine-tuning out of
   distribution while "last" is what makes it work (README, "Spans to columns").
+- ``"last_word"``: the tokens of the span's last whitespace-separated word ("8" of
+  "Smoking: 8", all of "41.9%"). Same as "last" when the value is one token; for a
+  value of several tokens ("41", ".", "9", "%") it keeps them all, where "last" would
+  keep only the "%", which a shallow model cannot use to read the number.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 from .records import Record
 
-SPAN_COLUMNS = ("all", "last")
+SPAN_COLUMNS = ("all", "last", "last_word")
 
 
 @dataclass
@@ -116,6 +120,21 @@ class _Offsets:
         if lo >= hi:
             return None
         return self.tokens[lo][0], self.tokens[hi - 1][0] + 1
+
+
+def _columns(full: _Offsets, text: str, chars: tuple[int, int], tokens: tuple[int, int], span_columns: str) -> range:
+    """The value's tokens that become causal columns (module docstring)."""
+    v, v_end = tokens
+    if span_columns == "last":
+        return range(v_end - 1, v_end)
+    if span_columns == "last_word":
+        start, end = chars
+        body = text[start:end].rstrip()
+        cut = max(body.rfind(c) for c in " \t\n")  # -1: the span is one word
+        word = full.span(start + cut + 1, start + len(body)) if body else None
+        if word is not None:
+            return range(word[0], word[1])
+    return range(v, v_end)
 
 
 def _tokenize(tokenizer, text: str, add_special_tokens: bool):
@@ -209,7 +228,7 @@ def encode_record(
                 (k, k_end), (v, v_end) = ktok, vtok
                 if v_end > k:  # the two spans share a token (then k > 0 too: a row k-1 exists)
                     continue
-                cols = range(v_end - 1, v_end) if span_columns == "last" else range(v, v_end)
+                cols = _columns(full, text, vc, (v, v_end), span_columns)
                 for row in range(k - 1, k_end - 1):
                     pairs.update((row, col) for col in cols)
                 placed = True

@@ -47,10 +47,12 @@ class CATConfig(TrainingArguments):
             What t counts: completed `"epoch"`s (the paper) or optimizer `"step"`s.
         cat_loss (`str`, *optional*, defaults to `"div"`):
             Per-row loss: `"div"`, `"div2"`, `"nll"` or `"hinge"`.
-        cat_span_columns (`str`, *optional*, defaults to `"last"`):
-            Which tokens of an annotated value span become causal columns: `"last"` (the
-            span's last token, the only position that has seen the whole span in a
-            left-to-right model) or `"all"` (every token, the paper's choice).
+        cat_span_columns (`str`, *optional*, defaults to `"last_word"`):
+            Which tokens of an annotated value span become causal columns: `"last_word"`
+            (the tokens of the span's last word: "8" of "Smoking: 8", all of "41.9%"),
+            `"last"` (the span's last token only) or `"all"` (every token, the paper's
+            choice). In a left-to-right model the "Smoking:" before the value cannot carry
+            it, yet attention on it satisfies the loss: README, "Spans to columns".
 
         > Data
 
@@ -73,7 +75,7 @@ class CATConfig(TrainingArguments):
     )
     cat_loss: str = field(default="div", metadata={"help": "Per-row loss.", "choices": list(LOSS_KINDS)})
     cat_span_columns: str = field(
-        default="last",
+        default="last_word",
         metadata={"help": "Value tokens that become causal columns.", "choices": list(SPAN_COLUMNS)},
     )
     max_length: int = field(default=256, metadata={"help": "Maximum tokens per record (prompt cut from the left)."})
