@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,9 +11,28 @@ import pytest
 from cattune.records import load_records
 from cattune.tiny import train_tokenizer
 
-# The repository's parent holds shared/ (CI clones the repo next to it), so the path is
-# relative to this file rather than to the working directory pytest runs from.
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def find_data_dir() -> Path:
+    """The paper's data: $CATTUNE_SHARED_DATA, else shared/data beside the checkout (CI
+    clones the repository next to shared/), else beside the repository this one was
+    cloned from (a fresh clone of a local checkout, e.g. in /tmp)."""
+    if os.environ.get("CATTUNE_SHARED_DATA"):
+        return Path(os.environ["CATTUNE_SHARED_DATA"])
+    repo = Path(__file__).resolve().parents[1]
+    beside = repo.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    origin = subprocess.run(["git", "-C", str(repo), "remote", "get-url", "origin"],
+                            capture_output=True, text=True).stdout.strip()
+    if origin and Path(origin).is_dir():
+        candidate = Path(origin).resolve().parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return beside
+
+
+DATA_DIR = find_data_dir()
 STG_DIR = DATA_DIR / "stg_paper"
 
 STG_E_FILES = {
@@ -28,7 +49,8 @@ STG_H_FILES = {"train": "STG_H_train.jsonl", "iid_test": "STG_H_iid_test.jsonl",
 def data_dir() -> Path:
     if not STG_DIR.is_dir():
         # Fail, not skip: a skipped data test in CI would hide exactly what it guards.
-        pytest.fail(f"shared data not found at {DATA_DIR}: clone the repository next to shared/")
+        pytest.fail(f"shared data not found at {DATA_DIR}: clone the repository next to shared/, "
+                    "or set CATTUNE_SHARED_DATA to the data directory")
     return DATA_DIR
 
 

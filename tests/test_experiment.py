@@ -17,7 +17,9 @@ from cattune.experiment import ConfigError, RunSpec, load_config, parse_config, 
 
 torch.set_num_threads(1)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import DATA_DIR
+
+DATA = DATA_DIR
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 2, "vocab_size": 300}
 

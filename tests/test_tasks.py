@@ -13,7 +13,9 @@ from cattune.masks import encode_record, find_occurrences
 from cattune.records import Record
 from cattune.tiny import train_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import DATA_DIR
+
+DATA = DATA_DIR
 
 
 def test_builtin_registry_and_lookup():

@@ -563,6 +563,10 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
               "output_dir": tmp, "seed": spec.seed, "save_strategy": "no", "report_to": []}
         targs = CATConfig(**kw)
         trainer = CATTrainer(model=model, args=targs, train_dataset=train, processing_class=tok)
+        if not progress:  # the log lines go to logs/RUN.json; one summary line per run is printed
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         trainer.train()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
