@@ -1,6 +1,6 @@
 """Choose the demo's defaults on validation data (STG_E or STG_H generated with seed 7), never on a test set.
 
-    python experiments/tune_stg.py --gamma 1 --span last --epochs 30 ... >> experiments/tune_log.jsonl
+    python experiments/tune_stg.py --gamma 1 --alpha 50 --epochs 30 ... >> experiments/tune_log.jsonl
 Each call trains one configuration on STG_E train_M (seed 42) and prints one JSON line with
 accuracy on the seed-7 IID and OOD *validation* sets.
 """
@@ -16,7 +16,7 @@ from cattune.trainer import CATConfig, CATTrainer
 p = argparse.ArgumentParser()
 p.add_argument("--gamma", type=float, default=1.0)
 p.add_argument("--alpha", type=float, default=2.0)
-p.add_argument("--span", default="last")
+p.add_argument("--span", default="last_word")
 p.add_argument("--loss", default="div")
 p.add_argument("--decay", type=float, default=0.0)
 p.add_argument("--epochs", type=float, default=30)

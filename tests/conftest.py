@@ -12,7 +12,6 @@ from cattune.records import load_records
 from cattune.tiny import train_tokenizer
 
 
-
 def find_data_dir() -> Path:
     """The paper's data: $CATTUNE_SHARED_DATA, else shared/data beside the checkout (CI
     clones the repository next to shared/), else beside the repository this one was
@@ -23,10 +22,14 @@ def find_data_dir() -> Path:
     beside = repo.parent / "shared" / "data"
     if beside.is_dir():
         return beside
-    origin = subprocess.run(["git", "-C", str(repo), "remote", "get-url", "origin"],
-                            capture_output=True, text=True).stdout.strip()
-    if origin and Path(origin).is_dir():
-        candidate = Path(origin).resolve().parent / "shared" / "data"
+    try:
+        origin = subprocess.run(["git", "-C", str(repo), "remote", "get-url", "origin"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git
+        origin = ""
+    origin = origin.removeprefix("file://")
+    if origin and (repo / origin).is_dir():  # a relative origin is relative to the clone
+        candidate = (repo / origin).resolve().parent / "shared" / "data"
         if candidate.is_dir():
             return candidate
     return beside

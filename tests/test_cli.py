@@ -54,8 +54,12 @@ def test_demo_tiny(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert [(run["variant"], run["arm"]) for run in res["runs"]] == [("E", "baseline"), ("E", "cat"), ("H", "baseline"), ("H", "cat")]
     assert all(0 <= run["ood_test"] <= 1 for run in res["runs"])
-    png = (tmp_path / "demo.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    pngs = ["demo.png"] + [f"ratio_STG_{v}.png" for v in "EH"] + \
+        [f"attention_STG_{v}_{a}.png" for v in "EH" for a in ("baseline", "cat")]
+    for name in pngs:
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
+    assert [run["attention_plot"] for run in res["runs"]] == pngs[3:]
     assert "| cat" in r.stdout
 
 

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -201,9 +202,19 @@ def test_micro_experiment_is_resumable(tmp_path, capsys):
     results = lines(out / "results.jsonl")
     assert len(results) == 12 and len({(r["task"], r["arm"], r["seed"]) for r in results}) == 12
 
-    # 4. the summary: both tasks, every arm with 2 seeds, both differences
+    # 4. the summary: both tasks, every arm with 2 seeds, both differences, and its plots
     md = (out / "summary.md").read_text()
     assert "| E | tiny | ood_test | 2 |" in md and "| SVAMP | tiny | test | 2 |" in md
+    embedded = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    # per task: the ratio curve and the heatmap of each of the three arms (seed 0)
+    assert sorted(embedded) == sorted([f"plots/{t}__tiny__ratio.png" for t in ("E", "SVAMP")] +
+                                      [f"plots/{t}__tiny__{a}__seed0.png" for t in ("E", "SVAMP")
+                                       for a in ("baseline", "cat", "placebo")])
+    for png in embedded:
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    seed0 = [r for r in results if r["seed"] == 0]
+    assert all(r["attention_plot"] for r in seed0) and not any(r["attention_plot"] for r in results if r["seed"])
     rows = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
     assert [(r["task"], r["test"]) for r in rows] == [("E", "iid_test"), ("E", "ood_test"), ("SVAMP", "test")]
     for r in rows:
@@ -282,3 +293,16 @@ def test_parallel_jobs_give_the_same_results(tmp_path):
     assert (tmp_path / "one" / "summary.csv").read_text() == (tmp_path / "two" / "summary.csv").read_text()
     with pytest.raises(ValueError, match="jobs"):
         run_experiment(cfg, out=tmp_path / "three", jobs=0)
+
+
+def test_parallel_failure_keeps_the_runs_that_finish(tmp_path):
+    cfg = load_config(micro(tmp_path, arms=["baseline"], seeds=1,
+                            models=[{"name": "tiny", "tiny": TINY}, {"name": "broken", "path": str(tmp_path / "nope")}],
+                            tasks=[{"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 16,
+                                    "test_limit": 6}]))
+    messages = []
+    with pytest.raises(ValueError, match="cannot load model"):
+        run_experiment(cfg, out=tmp_path / "out", log=messages.append, jobs=2)
+    kept = lines(tmp_path / "out" / "results.jsonl")
+    assert [(r["model"], r["arm"]) for r in kept] == [("tiny", "baseline")]
+    assert any("broken__baseline__seed0 failed" in m for m in messages)

@@ -502,10 +502,45 @@ def summary_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def summary_plots(out: Path, results: list[dict], config: ExperimentConfig | None = None) -> str:
+    """Markdown embedding, per task and model, the attention-ratio curves of the first
+    seed's arms (drawn here from ``logs/``) and each arm's heatmap (drawn by the run)."""
+    from .explain import plot_ratio_curve
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["task"], r["model"]), []).append(r)
+    entries = {t.label: t for t in config.tasks} if config else {}
+    parts = []
+    for (task, model), runs in groups.items():
+        first = min(int(r["seed"]) for r in runs)
+        runs = sorted((r for r in runs if int(r["seed"]) == first), key=lambda r: ARMS.index(r["arm"]))
+        lines = [f"### {task}, {model}, seed {first}", ""]
+        logs = {r["arm"]: out / r["log"] for r in runs if (out / r["log"]).is_file()}
+        alpha = train_args_for(config, entries[task], "cat").get("cat_alpha") if task in entries else None
+        curve = out / "plots" / f"{task}__{model}__ratio.png"
+        try:
+            plot_ratio_curve(logs, curve, alpha=alpha, title=f"{task}, {model}: causal/other attention, seed {first}")
+            lines.append(f"![attention ratio during training]({curve.relative_to(out).as_posix()})")
+        except ValueError:  # no annotated rows in this task's logs
+            pass
+        for r in runs:
+            if r.get("attention_plot") and (out / r["attention_plot"]).is_file():
+                lines.append(f"![{r['arm']}: attention of the answer rows]({r['attention_plot']})")
+        if len(lines) > 2:
+            parts.append("\n\n".join(lines[:1] + lines[2:]))
+    if not parts:
+        return ""
+    return ("\n## Plots\n\nThe causal/other attention ratio over training (every arm logs it; the target "
+            "alpha dashed), and where each arm's model looks when it produces the answer to the first "
+            "record of the last test set (causal spans in red).\n\n" + "\n\n".join(parts) + "\n")
+
+
 def write_summary(out: Path, results: list[dict], config: ExperimentConfig | None = None) -> list[dict]:
     rows = summarize(results, config)
     title = f"Experiment {config.name}" if config else "Experiment"
-    atomic_write_text(out / "summary.md", summary_markdown(rows, title, config.arms if config else None))
+    markdown = summary_markdown(rows, title, config.arms if config else None)
+    atomic_write_text(out / "summary.md", markdown + summary_plots(out, results, config))
     atomic_write_text(out / "summary.csv", summary_csv(rows))
     return rows
 
@@ -563,10 +598,10 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
               "output_dir": tmp, "seed": spec.seed, "save_strategy": "no", "report_to": []}
         targs = CATConfig(**kw)
         trainer = CATTrainer(model=model, args=targs, train_dataset=train, processing_class=tok)
-        if not progress:  # the log lines go to logs/RUN.json; one summary line per run is printed
-            from transformers.trainer_callback import PrinterCallback
+        # Without progress bars the Trainer prints every log line; they go to logs/RUN.json instead.
+        from transformers.trainer_callback import PrinterCallback
 
-            trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(PrinterCallback)
         trainer.train()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -584,6 +619,16 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
         tests[name] = {"accuracy": res.accuracy, "n": res.n, "correct": res.correct,
                        "attention_ratio": res.attention_ratio}
         predictions[name] = res.predictions
+    attention_plot = None
+    if spec.seed == config.seeds[0]:  # one heatmap per task, model and arm
+        from .explain import plot_record
+
+        name, records = list(data.tests.items())[-1]
+        if records:
+            path = plot_record(model, tok, records[0], out / "plots" / f"{spec.run_id}.png",
+                               title=f"{spec.run_id}, {name} record 0", span_columns=trainer.args.cat_span_columns,
+                               record_index=0)
+            attention_plot = str(path.relative_to(out))
     log_path = out / "logs" / f"{spec.run_id}.json"
     atomic_write_text(log_path, json.dumps({"run": dataclasses.asdict(spec), "encode": trainer.encode_stats,
                                             "log_history": history}, indent=1) + "\n")
@@ -607,6 +652,7 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.time() - started, 1),
         "log": str(log_path.relative_to(out)),
+        "attention_plot": attention_plot,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -626,13 +672,12 @@ class ExperimentReport:
         return len(self.ran) + len(self.skipped) == len(self.planned)
 
 
-def _init_worker(threads: int | None) -> None:
+def _init_worker(threads: int) -> None:
     """Start of a worker process for ``jobs > 1``."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(threads)
 
 
 def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = None, max_runs: int | None = None,
@@ -640,9 +685,11 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
                    progress: bool = False, jobs: int = 1) -> ExperimentReport:
     """Run every planned run not yet in ``OUT/results.jsonl``; see the module docstring.
 
-    ``jobs > 1`` trains that many runs at once, each in its own process (with
-    ``config.threads`` torch threads, 1 if unset); results are appended as runs finish,
-    in any order.
+    ``jobs > 1`` trains that many runs at once, each in its own (spawned) process with
+    ``config.threads`` torch threads, 1 if unset; results are appended as runs finish, in
+    any order. If a run fails, no new run starts, the running ones finish and are kept,
+    then the error is raised. A script that calls this with ``jobs > 1`` needs the usual
+    ``if __name__ == "__main__":`` guard of multiprocessing's spawn.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
@@ -690,8 +737,7 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
 
     def task_data(spec: RunSpec) -> TaskData:
         if spec.task not in cache:
-            if jobs == 1:
-                cache.clear()  # one task's data in memory at a time (runs are ordered by task)
+            cache.clear()  # one task's data loaded at a time (runs are ordered by task)
             cache[spec.task] = load_task_data(entries[spec.task],
                                               need_tokenizer_texts=any(m.is_tiny for m in config.models))
         return cache[spec.task]
@@ -715,24 +761,38 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+        if progress:
+            log("note: --progress shows no bars with more than one job")
         # spawn, not fork: the workers must not inherit torch's or the tokenizers' thread pools
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(config.threads or 1,)) as pool:
-            queue, running = list(todo), {}
-            try:
-                while queue or running:
-                    while queue and len(running) < jobs:  # submit lazily: one task's data pickled at a time
-                        spec = queue.pop(0)
-                        log(f"[{time.time() - started:6.0f}s] start {spec.run_id}")
-                        running[pool.submit(run_one, config, entries[spec.task], models[spec.model], spec,
-                                            task_data(spec), out, False)] = spec
-                    done_now, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in done_now:
-                        finished_run(running.pop(fut), fut.result())
-            except BaseException:
-                for fut in running:
-                    fut.cancel()
-                raise
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(config.threads or 1,))
+        queue, running, error = list(todo), {}, None
+        try:
+            while queue or running:
+                while queue and len(running) < jobs:
+                    spec = queue.pop(0)
+                    log(f"[{time.time() - started:6.0f}s] start {spec.run_id}")
+                    running[pool.submit(run_one, config, entries[spec.task], models[spec.model], spec,
+                                        task_data(spec), out, False)] = spec
+                done_now, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done_now:
+                    spec = running.pop(fut)
+                    try:
+                        result = fut.result()
+                    except Exception as e:  # let the other running runs finish and keep them
+                        if error is None:
+                            error = e
+                            log(f"{spec.run_id} failed ({type(e).__name__}: {e}); starting no more runs, "
+                                f"waiting for the {len(running)} still running")
+                        queue.clear()
+                        continue
+                    finished_run(spec, result)
+        except BaseException:  # Ctrl-C: the workers get the signal too; do not wait for them
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        if error is not None:
+            raise error
     report.rows = write_summary(out, results, config) if results else []
     return report
 
@@ -754,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-runs", type=int, metavar="N", help="stop after N new runs (run again to continue)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N runs at once, each in its own process with --threads torch threads (1 if unset); "
-                   "results are the same as one at a time (default: 1)")
+                   "with the same --threads the results are those of one run at a time (default: 1)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; train nothing")
     p.add_argument("--summary-only", action="store_true", help="rewrite summary.md/summary.csv from results.jsonl")
     p.add_argument("--progress", action="store_true", help="show training and evaluation progress bars")
@@ -776,9 +836,6 @@ def run(args) -> int:
         rows = write_summary(out, results, config)
         print(summary_markdown(rows, f"Experiment {config.name}", config.arms))
         return 0
-    if args.jobs < 1:
-        print("--jobs must be at least 1", file=sys.stderr)
-        return 2
     report = run_experiment(config, out=out, max_runs=args.max_runs, dry_run=args.dry_run, progress=args.progress,
                             jobs=args.jobs)
     if args.dry_run:

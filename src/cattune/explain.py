@@ -223,6 +223,15 @@ def plot_explanation(expl: Explanation, out_png: str | os.PathLike, title: str |
     return save_png(fig, out_png)
 
 
+def plot_record(model, tokenizer, record: Record, out_png: str | os.PathLike, title: str,
+                span_columns: str = "last_word", record_index: int | None = None) -> Path:
+    """:func:`explain_record` then :func:`plot_explanation`, the title followed by the
+    target and the model's answer: the heatmap the demo and the experiment runner embed."""
+    expl = explain_record(model, tokenizer, record, span_columns=span_columns, record_index=record_index)
+    return plot_explanation(expl, out_png, title=f"{title}: target {expl.target.strip()!r}, "
+                                                 f"answer {expl.prediction!r}")
+
+
 def _rect(x, y, w, h, color):
     from matplotlib.patches import Rectangle
 

@@ -130,10 +130,10 @@ def _columns(full: _Offsets, text: str, chars: tuple[int, int], tokens: tuple[in
     if span_columns == "last_word":
         start, end = chars
         body = text[start:end].rstrip()
-        cut = max(body.rfind(c) for c in " \t\n")  # -1: the span is one word
-        word = full.span(start + cut + 1, start + len(body)) if body else None
-        if word is not None:
-            return range(word[0], word[1])
+        last = body.split()[-1] if body.strip() else ""
+        word = full.span(start + len(body) - len(last), start + len(body)) if last else None
+        # a word no token covers on its own: fall back to the span's last token
+        return range(word[0], word[1]) if word is not None else range(v_end - 1, v_end)
     return range(v, v_end)
 
 

@@ -618,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kind of tokenizer trained when --tokenizer is not given (default: %(default)s)")
     chk.add_argument("--max-length", metavar="N", type=int, help="truncate records to this many tokens, as training would "
                      "(default: no limit)")
-    chk.add_argument("--span-columns", choices=SPAN_COLUMNS, default="all",
+    chk.add_argument("--span-columns", choices=SPAN_COLUMNS, default="last_word",
                      help="which tokens of a value become columns, as in training (default: %(default)s)")
     chk.add_argument("--json", action="store_true", help="print the result as JSON")
     chk.add_argument("--strict", action="store_true", help="exit with status 1 if any pair does not align")

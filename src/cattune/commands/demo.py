@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + " Everything runs on CPU with the embedded model, no download.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out", default="demo_out", help="output directory (results.json, demo.png, models)")
+    p.add_argument("--out", default="demo_out",
+                   help="output directory: results.json, demo.png (accuracy), ratio_STG_*.png (attention ratio "
+                   "during training), attention_STG_*.png (heatmaps of an OOD record), the models")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per arm (the table shows mean and range)")
     p.add_argument("--variants", default="E", help="STG variants, comma-separated: E, H or E,H")
     p.add_argument("--split", default="train_M", choices=["train_S", "train_M", "train_L"],
@@ -75,7 +77,7 @@ def train_arm(variant: str, arm: str, seed: int, data: dict, args, out: Path) ->
         warmup_steps=0.1,
         lr_scheduler_type="cosine",
         save_strategy="no",
-        logging_steps=50,
+        logging_steps=0.02,  # 50 points on any run length
         report_to=[],
         use_cpu=True,
         seed=seed,
@@ -91,6 +93,12 @@ def train_arm(variant: str, arm: str, seed: int, data: dict, args, out: Path) ->
                        desc=f"STG_{variant} {arm} seed {seed} {split}")
         result[split] = res.accuracy
         result[f"{split}_attention_ratio"] = res.attention_ratio
+    if seed == 0:  # where the model looks on an OOD record
+        from ..explain import plot_record
+
+        path = plot_record(model, tokenizer, data["ood_test"][0], out / f"attention_STG_{variant}_{arm}.png",
+                           title=f"STG_{variant} {arm}, OOD record 0", span_columns=args.span_columns, record_index=0)
+        result["attention_plot"] = path.name
     return result
 
 
@@ -164,5 +172,14 @@ def run(args) -> int:
     write_json(out / "results.json", {"settings": settings, "runs": runs, "table": summarize(runs),
                                       "seconds": round(time.time() - started, 1)})
     plot(runs, out / "demo.png")
-    print(f"wrote {out / 'results.json'} and {out / 'demo.png'} ({time.time() - started:.0f}s)")
+    from ..explain import plot_ratio_curve
+
+    written = ["results.json", "demo.png"]
+    for variant in variants:
+        first = {r["arm"]: r["log_history"] for r in runs if r["variant"] == variant and r["seed"] == 0}
+        curve = plot_ratio_curve(first, out / f"ratio_STG_{variant}.png",
+                                 alpha=args.alpha if variant == "E" else args.h_alpha,
+                                 title=f"STG_{variant}: causal/other attention during training, seed 0")
+        written += [curve.name] + [r["attention_plot"] for r in runs if r["variant"] == variant and r["seed"] == 0]
+    print(f"wrote {', '.join(str(out / w) for w in written)} ({time.time() - started:.0f}s)")
     return 0
