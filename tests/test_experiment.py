@@ -170,7 +170,9 @@ def test_micro_experiment_is_resumable(tmp_path, capsys):
     # 1. a first session stops after 4 runs (as if killed between runs)
     assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--max-runs", "4"]) == 0
     assert len(lines(out / "results.jsonl")) == 4
-    # 2. started again: the other 8 runs, nothing trained twice
+    # 2. started again: the other 8 runs, nothing trained twice; a killed run's
+    #    training directory is cleaned up
+    (out / ".E__tiny__cat__seed1.abc123").mkdir()
     cfg = load_config(cfg_path)
     report = run_experiment(cfg, out=out, log=lambda m: None)
     assert len(report.skipped) == 4 and len(report.ran) == 8 and report.complete

@@ -725,6 +725,9 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
             log(f"  {'done' if spec.key in finished else 'todo'}  {spec.run_id}")
         return report
     out.mkdir(parents=True, exist_ok=True)
+    for spec in todo:  # training directories of runs killed last time
+        for stale in out.glob(f".{spec.run_id}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
     if config.threads:
         import torch
 
