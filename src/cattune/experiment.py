@@ -12,7 +12,9 @@ Outputs, in the output directory:
   (task, model, arm, seed); a half-written last line is dropped.
 - ``summary.md`` / ``summary.csv``: mean and standard deviation over seeds per arm,
   and the paired CAT - baseline and CAT - placebo differences with a 95% t-interval
-  over seeds (rewritten atomically after every run).
+  over seeds (rewritten atomically after every run); summary.md embeds the plots below.
+- ``plots/``: per task and model the attention-ratio curves of the first seed's arms,
+  and for the first seed each run's heatmap of the first record of its last test set.
 - ``logs/RUN.json``: the trainer's log history (loss_ce, loss_attn, attn_ratio, ...),
   readable by ``cattune.explain.plot_ratio_curve``.
 - ``predictions/RUN.jsonl`` and ``models/RUN/`` when ``save_predictions`` /
