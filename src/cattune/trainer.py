@@ -347,9 +347,8 @@ def end_distributed() -> None:
     Call it once no trainer is referenced any more (return from the function that used it
     first): a Trainer's DDP wrapper holds gloo's process group, and a group that is only
     freed during interpreter exit can abort one rank ("terminate called without an active
-    exception") after all the work is saved, so the launcher reports a failure. Measured
-    here: 3 of 8 two-process runs aborted with destroy_process_group() alone, 0 of 12 with
-    the trainer dropped first.
+    exception") after all the work is saved, so the launcher reports a failure
+    (docs/distributed.md has the counts).
     """
     if not torch.distributed.is_initialized():
         return
