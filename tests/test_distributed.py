@@ -292,4 +292,3 @@ def test_ddp_cli_train_exits_cleanly(runs):
     assert [h["step"] for h in report["log_history"] if "loss" in h and "train_runtime" not in h] == [1, 2]
     assert (runs.cli / "model.safetensors").stat().st_size > 0
     assert out.count("model saved to") == 1
-

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -151,6 +152,26 @@ def test_summary_tables():
     assert list(parsed[0]) == experiment.CSV_COLUMNS
 
 
+def test_summary_plots_follow_the_configs_first_seed(tmp_path):
+    # run_one draws heatmaps for config.seeds[0]; the summary's curves must be that seed's too,
+    # also when it is not the lowest.
+    cfg = load_config(micro(tmp_path, seeds=[5, 3]))
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    results = []
+    for seed in (3, 5):
+        for arm in ("baseline", "cat"):
+            log = f"logs/E__tiny__{arm}__seed{seed}.json"
+            history = [{"step": s, "attn_ratio": 1.0 + s * (seed if arm == "cat" else 0)} for s in (10, 20, 30)]
+            (out / log).write_text(json.dumps({"log_history": history}))
+            results.append({"task": "E", "model": "tiny", "arm": arm, "seed": seed, "log": log})
+    md = experiment.summary_plots(out, results, cfg)
+    assert "### E, tiny, seed 5" in md and "seed 3" not in md
+    assert "![attention ratio during training](plots/E__tiny__ratio.png)" in md
+    assert (out / "plots" / "E__tiny__ratio.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "### E, tiny, seed 3" in experiment.summary_plots(out, results)  # no config: the lowest seed
+
+
 def test_read_results_drops_cut_lines(tmp_path):
     p = tmp_path / "results.jsonl"
     good = {"task": "T", "model": "m", "arm": "cat", "seed": 0, "tests": {}}
@@ -225,11 +246,17 @@ def test_micro_experiment_is_resumable(tmp_path, capsys):
         assert r["cat_minus_baseline_lo"] != "" and float(r["cat_minus_baseline_lo"]) <= float(r["cat_minus_baseline_hi"])
 
     # 5. nothing left: a rerun trains nothing; --summary-only and --dry-run only read
+    curve = out / "plots" / "E__tiny__ratio.png"
+    drawn = curve.stat().st_mtime_ns
     report = run_experiment(cfg, out=out, log=lambda m: None)
     assert not report.ran and len(report.skipped) == 12
     (out / "summary.md").unlink()
     assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--summary-only"]) == 0
     assert (out / "summary.md").read_text() == md
+    assert curve.stat().st_mtime_ns == drawn  # no log is newer: the curve is not drawn again
+    os.utime(curve, (0, 0))  # older than its logs: drawn again
+    assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--summary-only"]) == 0
+    assert curve.stat().st_mtime > 0 and (out / "summary.md").read_text() == md
     # a changed setting is reported, the finished runs are kept
     changed = micro(tmp_path, train={"max_steps": 3, "per_device_train_batch_size": 8, "use_cpu": True})
     report = run_experiment(load_config(changed), out=out, dry_run=True, log=lambda m: None)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionProbe, use_row_probe
 from .loss import attention_ratio, row_terms, visible_columns
-from .masks import collate, encode_record
+from .masks import DEFAULT_SPAN_COLUMNS, collate, encode_record
 from .records import Record
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -135,7 +135,7 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 32,
 
 @torch.no_grad()
 def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: int = 32,
-                           span_columns: str = "last_word", max_length: int | None = None) -> float | None:
+                           span_columns: str = DEFAULT_SPAN_COLUMNS, max_length: int | None = None) -> float | None:
     """Mean over supervised rows of a1/a0 (attention on causal columns vs the rest)."""
     encoded = [encode_record(tokenizer, r, max_length=max_length, span_columns=span_columns)
                for r in records if r.important]
@@ -162,7 +162,7 @@ def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: 
 
 def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = "exact", batch_size: int = 32,
              max_new_tokens: int | None = None, progress: bool = True, desc: str = "eval",
-             span_columns: str = "last_word") -> EvalResult:
+             span_columns: str = DEFAULT_SPAN_COLUMNS) -> EvalResult:
     """Accuracy of greedy answers on ``records`` plus per-record predictions.
 
     ``max_new_tokens`` defaults to the longest target's token count + 4. The attention

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -45,6 +46,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from .masks import DEFAULT_SPAN_COLUMNS
 from .records import Record, atomic_write_text, load_config_file
 from .tasks import Task, TaskError, get_task, load_task_file, placebo_records
 
@@ -59,7 +61,7 @@ DEFAULT_TRAIN = {
     "cat_alpha": 50.0,
     "cat_gamma": 1.0,
     "cat_gamma_decay": 0.0,
-    "cat_span_columns": "last_word",
+    "cat_span_columns": DEFAULT_SPAN_COLUMNS,
     "logging_steps": 50,
 }
 # Set by the runner itself: a config that sets them is refused.
@@ -515,22 +517,29 @@ def summary_plots(out: Path, results: list[dict], config: ExperimentConfig | Non
     entries = {t.label: t for t in config.tasks} if config else {}
     parts = []
     for (task, model), runs in groups.items():
-        first = min(int(r["seed"]) for r in runs)
+        seeds = {int(r["seed"]) for r in runs}
+        # The config's first seed is the one whose runs drew heatmaps (run_one).
+        first = config.seeds[0] if config and config.seeds[0] in seeds else min(seeds)
         runs = sorted((r for r in runs if int(r["seed"]) == first), key=lambda r: ARMS.index(r["arm"]))
-        lines = [f"### {task}, {model}, seed {first}", ""]
+        lines = []
         logs = {r["arm"]: out / r["log"] for r in runs if (out / r["log"]).is_file()}
         alpha = train_args_for(config, entries[task], "cat").get("cat_alpha") if task in entries else None
         curve = out / "plots" / f"{task}__{model}__ratio.png"
-        try:
-            plot_ratio_curve(logs, curve, alpha=alpha, title=f"{task}, {model}: causal/other attention, seed {first}")
+        # Redrawn only when a log is newer: the summary is rewritten after every run.
+        stale = not curve.is_file() or any(p.stat().st_mtime > curve.stat().st_mtime for p in logs.values())
+        if logs and stale:
+            try:
+                plot_ratio_curve(logs, curve, alpha=alpha,
+                                 title=f"{task}, {model}: causal/other attention, seed {first}")
+            except ValueError as e:  # no annotated rows in this task's logs, or a broken log
+                print(f"{task}, {model}: no attention-ratio plot: {e}", file=sys.stderr)
+        if logs and curve.is_file():
             lines.append(f"![attention ratio during training]({curve.relative_to(out).as_posix()})")
-        except ValueError:  # no annotated rows in this task's logs
-            pass
         for r in runs:
             if r.get("attention_plot") and (out / r["attention_plot"]).is_file():
                 lines.append(f"![{r['arm']}: attention of the answer rows]({r['attention_plot']})")
-        if len(lines) > 2:
-            parts.append("\n\n".join(lines[:1] + lines[2:]))
+        if lines:
+            parts.append("\n\n".join([f"### {task}, {model}, seed {first}", *lines]))
     if not parts:
         return ""
     return ("\n## Plots\n\nThe causal/other attention ratio over training (every arm logs it; the target "
@@ -728,7 +737,7 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
         return report
     out.mkdir(parents=True, exist_ok=True)
     for spec in todo:  # training directories of runs killed last time
-        for stale in out.glob(f".{spec.run_id}.*"):
+        for stale in out.glob(f".{glob.escape(spec.run_id)}.*"):
             shutil.rmtree(stale, ignore_errors=True)
     if config.threads:
         import torch
@@ -798,7 +807,8 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
         pool.shutdown()
         if error is not None:
             raise error
-    report.rows = write_summary(out, results, config) if results else []
+    if not report.ran:  # nothing new: still (re)write the summary of what is there
+        report.rows = write_summary(out, results, config) if results else []
     return report
 
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .masks import SPAN_COLUMNS
+from .masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from .records import Record, atomic_write_bytes
 
 CAUSAL_COLOR = "#d62728"
@@ -76,7 +76,7 @@ def _label(text: str) -> str:
     return text.replace("\n", "⏎").strip()
 
 
-def explain_record(model, tokenizer, record: Record, use_prediction: bool = False, span_columns: str = "last_word",
+def explain_record(model, tokenizer, record: Record, use_prediction: bool = False, span_columns: str = DEFAULT_SPAN_COLUMNS,
                    max_new_tokens: int | None = None, record_index: int | None = None) -> Explanation:
     """Attention of the rows producing ``record``'s answer over its prompt tokens.
 
@@ -224,7 +224,7 @@ def plot_explanation(expl: Explanation, out_png: str | os.PathLike, title: str |
 
 
 def plot_record(model, tokenizer, record: Record, out_png: str | os.PathLike, title: str,
-                span_columns: str = "last_word", record_index: int | None = None) -> Path:
+                span_columns: str = DEFAULT_SPAN_COLUMNS, record_index: int | None = None) -> Path:
     """:func:`explain_record` then :func:`plot_explanation`, the title followed by the
     target and the model's answer: the heatmap the demo and the experiment runner embed."""
     expl = explain_record(model, tokenizer, record, span_columns=span_columns, record_index=record_index)
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     heat.add_argument("--record", type=int, default=0, help="0-based index of the record (default: 0)")
     heat.add_argument("--use-prediction", action="store_true",
                       help="rows producing the model's own greedy answer instead of the target")
-    heat.add_argument("--span-columns", choices=SPAN_COLUMNS, default="last_word",
+    heat.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
                       help="value tokens marked causal, as in training (default: %(default)s)")
     heat.add_argument("--show-special", action="store_true", help="also show BOS and other special tokens")
     heat.add_argument("--json", metavar="FILE", help="also write the numbers (tokens, weights, columns) as JSON")

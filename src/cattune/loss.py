@@ -102,14 +102,12 @@ def re_attention_loss(
     """
     if attn.dim() != 3 or attn.shape != mask.shape or attn.shape[1] != attn.shape[2]:
         raise ValueError(f"attn and mask must both be [B, L, L], got {tuple(attn.shape)} and {tuple(mask.shape)}")
-    L = attn.shape[-1]
     mask = mask.bool()
-    # Only rows with a causal column can count: gather those instead of passing all B x L.
+    # Only rows with a causal column can count: gather those (one per "batch" entry)
+    # instead of passing all B x L.
     b, i = mask.any(-1).nonzero(as_tuple=True)
-    visible = torch.arange(L, device=attn.device) <= i.unsqueeze(-1)
-    if attention_mask is not None:
-        visible = visible & attention_mask.bool()[b]
-    return row_loss(*row_terms(attn[b, i], mask[b, i], visible), alpha=alpha, kind=kind)
+    return re_attention_loss_rows(attn[b, i].unsqueeze(1), i.unsqueeze(1), mask[b, i].unsqueeze(1), alpha, kind,
+                                  None if attention_mask is None else attention_mask[b])
 
 
 def re_attention_loss_rows(

@@ -30,6 +30,9 @@ import torch
 from .records import Record
 
 SPAN_COLUMNS = ("all", "last", "last_word")
+# What the trainer, evaluation, explain and the CLI use unless told otherwise. This
+# module's own functions keep the paper's "all", the plain mapping of an annotation.
+DEFAULT_SPAN_COLUMNS = "last_word"
 
 
 @dataclass
@@ -130,7 +133,8 @@ def _columns(full: _Offsets, text: str, chars: tuple[int, int], tokens: tuple[in
     if span_columns == "last_word":
         start, end = chars
         body = text[start:end].rstrip()
-        last = body.split()[-1] if body.strip() else ""
+        words = body.split()
+        last = words[-1] if words else ""
         word = full.span(start + len(body) - len(last), start + len(body)) if last else None
         # a word no token covers on its own: fall back to the span's last token
         return range(word[0], word[1]) if word is not None else range(v_end - 1, v_end)

@@ -18,7 +18,7 @@ from transformers.utils import logging
 
 from .attention import AttentionProbe, use_row_probe
 from .loss import LOSS_KINDS, attention_ratio, counted_rows, row_loss, row_terms, visible_columns
-from .masks import SPAN_COLUMNS, EncodedRecord, collate, encode_record
+from .masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS, EncodedRecord, collate, encode_record
 from .records import Record, record_from_json
 
 logger = logging.get_logger(__name__)
@@ -75,7 +75,7 @@ class CATConfig(TrainingArguments):
     )
     cat_loss: str = field(default="div", metadata={"help": "Per-row loss.", "choices": list(LOSS_KINDS)})
     cat_span_columns: str = field(
-        default="last_word",
+        default=DEFAULT_SPAN_COLUMNS,
         metadata={"help": "Value tokens that become causal columns.", "choices": list(SPAN_COLUMNS)},
     )
     max_length: int = field(default=256, metadata={"help": "Maximum tokens per record (prompt cut from the left)."})

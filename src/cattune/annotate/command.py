@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..masks import SPAN_COLUMNS
+from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from ..records import Annotation, Record, RecordError, atomic_write_text, dumps_record
 from .llm import (
     EndpointError,
@@ -465,7 +465,7 @@ def _rules_annotator(rules) -> Callable[[Record], Outcome]:
 
 
 def check_alignment(items: list[tuple[int, Record]], tokenizer, max_length: int | None = None,
-                    span_columns: str = "all", examples: int = 3) -> dict[str, Any]:
+                    span_columns: str = DEFAULT_SPAN_COLUMNS, examples: int = 3) -> dict[str, Any]:
     """How many annotated (key, value) pairs land on tokens, and why the others do not."""
     from ..masks import encode_record
 
@@ -618,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kind of tokenizer trained when --tokenizer is not given (default: %(default)s)")
     chk.add_argument("--max-length", metavar="N", type=int, help="truncate records to this many tokens, as training would "
                      "(default: no limit)")
-    chk.add_argument("--span-columns", choices=SPAN_COLUMNS, default="last_word",
+    chk.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
                      help="which tokens of a value become columns, as in training (default: %(default)s)")
     chk.add_argument("--json", action="store_true", help="print the result as JSON")
     chk.add_argument("--strict", action="store_true", help="exit with status 1 if any pair does not align")

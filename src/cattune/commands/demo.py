@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..masks import SPAN_COLUMNS
+from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from .common import format_table, write_json
 
 ARMS = ("baseline", "cat")
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma-decay", type=float, default=0.0, help="CAT arm on STG_E: gamma decay per epoch")
     p.add_argument("--h-alpha", type=float, default=2.0, help="CAT arm on STG_H: alpha")
     p.add_argument("--h-gamma-decay", type=float, default=1.0, help="CAT arm on STG_H: gamma decay per epoch")
-    p.add_argument("--span-columns", choices=SPAN_COLUMNS, default="last_word",
+    p.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
                    help="value tokens that become causal columns ('all' = the paper's whole span)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; the tiny model's ops are too small to gain from more (0: torch's default)")
@@ -57,21 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
 VARIANTS = {"E": ("train_L", "exact"), "H": ("train", "numeric")}
 
 
+def variant_settings(variant: str, args) -> dict:
+    """The command-line settings of one STG variant: split, epochs, alpha, gamma decay."""
+    if variant == "E":
+        return {"split": args.split, "epochs": args.epochs, "alpha": args.alpha, "decay": args.gamma_decay}
+    return {"split": "train", "epochs": args.h_epochs, "alpha": args.h_alpha, "decay": args.h_gamma_decay}
+
+
 def train_arm(variant: str, arm: str, seed: int, data: dict, args, out: Path) -> dict:
     from ..evaluate import evaluate
     from ..tiny import build
     from ..trainer import CATConfig, CATTrainer
 
     corpus, checker = VARIANTS[variant]
-    split, epochs = (args.split, args.epochs) if variant == "E" else ("train", args.h_epochs)
+    settings = variant_settings(variant, args)
     model, tokenizer = build([r.text for r in data[corpus]], seed=seed)
     config = CATConfig(
         output_dir=str(out / f"STG_{variant}_{arm}_seed{seed}"),
         cat_gamma=args.gamma if arm == "cat" else 0.0,
-        cat_alpha=args.alpha if variant == "E" else args.h_alpha,
-        cat_gamma_decay=args.gamma_decay if variant == "E" else args.h_gamma_decay,
+        cat_alpha=settings["alpha"],
+        cat_gamma_decay=settings["decay"],
         cat_span_columns=args.span_columns,
-        num_train_epochs=epochs,
+        num_train_epochs=settings["epochs"],
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
         warmup_steps=0.1,
@@ -83,10 +90,10 @@ def train_arm(variant: str, arm: str, seed: int, data: dict, args, out: Path) ->
         seed=seed,
     )
     t = time.time()
-    trainer = CATTrainer(model=model, args=config, train_dataset=data[split], processing_class=tokenizer)
+    trainer = CATTrainer(model=model, args=config, train_dataset=data[settings["split"]], processing_class=tokenizer)
     trainer.train()
     trainer.save_model(config.output_dir)
-    result = {"variant": variant, "arm": arm, "seed": seed, "train_split": split,
+    result = {"variant": variant, "arm": arm, "seed": seed, "train_split": settings["split"],
               "train_seconds": round(time.time() - t, 1), "log_history": trainer.state.log_history}
     for split in ("iid_test", "ood_test"):
         res = evaluate(model, tokenizer, data[split], checker=checker, span_columns=args.span_columns,
@@ -178,7 +185,7 @@ def run(args) -> int:
     for variant in variants:
         first = {r["arm"]: r["log_history"] for r in runs if r["variant"] == variant and r["seed"] == 0}
         curve = plot_ratio_curve(first, out / f"ratio_STG_{variant}.png",
-                                 alpha=args.alpha if variant == "E" else args.h_alpha,
+                                 alpha=variant_settings(variant, args)["alpha"],
                                  title=f"STG_{variant}: causal/other attention during training, seed 0")
         written += [curve.name] + [r["attention_plot"] for r in runs if r["variant"] == variant and r["seed"] == 0]
     print(f"wrote {', '.join(str(out / w) for w in written)} ({time.time() - started:.0f}s)")

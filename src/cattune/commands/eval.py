@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..masks import SPAN_COLUMNS
+from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from ..evaluate import CHECKERS, evaluate
 from ..records import load_records
 from .common import format_table, load_model, write_json
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checker", choices=sorted(CHECKERS), default="exact", help="answer checker")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest target + 4 tokens")
-    p.add_argument("--span-columns", choices=SPAN_COLUMNS, default="last_word",
+    p.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
                    help="value tokens counted as causal for the attention ratio (as in training)")
     p.add_argument("--out", default=None, help="JSON output (default: MODEL/eval_results.json)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")
