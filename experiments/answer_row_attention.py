@@ -16,8 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 torch.set_num_threads(1)
 val = stg.generate("E", seed=7)["ood_test"][:200]
-SPURIOUS = ("Yellow fingers", "Clothing size", "Hormones")
-CAUSAL = ("Smoking", "Weight", "Exercise")
+SPURIOUS, CAUSAL = stg.E_SPURIOUS, stg.E_CAUSAL
 
 for d in sys.argv[1:]:
     m = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager")

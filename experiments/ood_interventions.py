@@ -35,15 +35,14 @@ def rewrite(prompt: str, name: str, value: int) -> str:
 
 def spurious_repaired(record):
     v, p = values(record.prompt), record.prompt
-    p = rewrite(p, "Yellow fingers", int(1.5 * v["Smoking"]))
-    p = rewrite(p, "Clothing size", v["Weight"])
-    p = rewrite(p, "Hormones", int(0.5 * v["Exercise"]))
+    for name, value in zip(stg.E_SPURIOUS, stg.e_spurious_iid(*(v[c] for c in stg.E_CAUSAL))):
+        p = rewrite(p, name, value)
     return replace(record, prompt=p)
 
 
 def unrelated_redrawn(record, rng):
     p = record.prompt
-    for name in ("Certain gene", "Room size"):
+    for name in stg.E_UNRELATED:
         p = rewrite(p, name, rng.randint(1, 10))
     return replace(record, prompt=p)
 

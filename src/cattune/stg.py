@@ -57,12 +57,17 @@ def e_label(smoking: int, weight: int, exercise: int) -> str:
     return "Low Risk"
 
 
+def e_spurious_iid(smoking: int, weight: int, exercise: int) -> tuple[int, int, int]:
+    """STG_E's in-distribution rule: Yellow fingers, Clothing size, Hormones from the causes."""
+    return int(1.5 * smoking), int(1.0 * weight), int(0.5 * exercise)
+
+
 def _e_record(rng: random.Random, ood: bool) -> Record:
     s, w, e = (rng.randint(1, 10) for _ in range(3))
     if ood:
         yf, cs, ho = (rng.randint(1, 10) for _ in range(3))
     else:
-        yf, cs, ho = int(1.5 * s), int(1.0 * w), int(0.5 * e)
+        yf, cs, ho = e_spurious_iid(s, w, e)
     gene, room = rng.randint(1, 10), rng.randint(1, 10)
     items = [
         ("Smoking", s), ("Weight", w), ("Exercise", e),
