@@ -6,11 +6,13 @@ from collections import defaultdict
 from pathlib import Path
 
 KEYS = ("variant", "gamma", "alpha", "span", "span_rows", "layer_reduce", "loss", "decay", "epochs", "lr", "bs", "wd", "dropout",
-        "layers", "hidden", "heads", "inter", "warmup", "sched", "whole_numbers", "digits")
+        "layers", "hidden", "heads", "inter", "warmup", "sched", "whole_numbers", "digits", "spaced",
+        "cat_layers")
 # Flags added to tune_stg.py later: older lines ran with these values. "last" and
 # "last_word" are the same columns on STG_E with the tiny tokenizer.
-DEFAULTS = {"variant": "E", "span_rows": False, "layer_reduce": "mean", "decay": 0.0, "heads": 8, "inter": 2, "warmup": 0.1, "sched": "cosine"}
-SHOWN_IF_SET = ("digits", "dropout", "span_rows", "decay")
+DEFAULTS = {"variant": "E", "span_rows": False, "layer_reduce": "mean", "decay": 0.0, "heads": 8, "inter": 2, "warmup": 0.1, "sched": "cosine",
+            "spaced": False, "cat_layers": "all"}
+SHOWN_IF_SET = ("digits", "dropout", "span_rows", "decay", "spaced")
 runs = defaultdict(list)
 for line in Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("tune_log.jsonl")).open():
     d = json.loads(line)

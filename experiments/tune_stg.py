@@ -9,6 +9,7 @@ import argparse, json, time
 import torch
 
 from cattune import stg
+from cattune.commands.common import parse_layers
 from cattune.evaluate import evaluate
 from cattune.tiny import build
 from cattune.trainer import CATConfig, CATTrainer
@@ -36,7 +37,21 @@ p.add_argument("--variant", default="E", choices=["E", "H"])
 p.add_argument("--split", default=None, help="training split (default: train_M for E, train for H)")
 p.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N validation records")
 p.add_argument("--digits", action="store_true", help="one token per digit")
+p.add_argument("--spaced", action="store_true", help="numbers keep their leading space (' 8' one token)")
+p.add_argument("--cat-layers", default="all", help="layers the loss averages: all (the paper) or e.g. -1")
+p.add_argument("--probe-from", type=int, default=0, help=argparse.SUPPRESS)  # older spelling of --cat-layers
 a = p.parse_args()
+if a.probe_from:
+    a.cat_layers = ",".join(str(i) for i in range(a.probe_from, a.layers))
+del a.probe_from
+if a.spaced:
+    import cattune.tiny as _tiny
+    from tokenizers import pre_tokenizers as _pt
+
+    class _P:  # the byte-level regex alone: " 8" stays one pre-token
+        Digits = staticmethod(lambda individual_digits: _pt.Sequence([]))
+        ByteLevel, Sequence, Metaspace = _pt.ByteLevel, _pt.Sequence, _pt.Metaspace
+    _tiny.pre_tokenizers = _P
 torch.set_num_threads(a.threads)
 data = stg.generate(a.variant)
 val = stg.generate(a.variant, seed=7)
@@ -46,7 +61,7 @@ model, tok = build([r.text for r in data["train_L" if a.variant == "E" else "tra
                    hidden_size=a.hidden, individual_digits=a.digits, intermediate_size=a.inter * a.hidden, attention_dropout=a.dropout,
                    num_attention_heads=a.heads, num_key_value_heads=a.heads)
 args = CATConfig(output_dir="/tmp/tune", cat_gamma=a.gamma, cat_alpha=a.alpha, cat_span_columns=a.span, cat_loss=a.loss,
-                 cat_gamma_decay=a.decay, num_train_epochs=a.epochs, per_device_train_batch_size=a.bs,
+                 cat_gamma_decay=a.decay, cat_layers=parse_layers(a.cat_layers), num_train_epochs=a.epochs, per_device_train_batch_size=a.bs,
                  learning_rate=a.lr, weight_decay=a.wd, warmup_steps=a.warmup, lr_scheduler_type=a.sched,
                  save_strategy="no", logging_steps=50, report_to=[], disable_tqdm=True, use_cpu=True, seed=a.seed)
 t = time.time()

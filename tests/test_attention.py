@@ -241,3 +241,26 @@ def test_use_row_probe_sets_the_implementation_and_keeps_generation_working():
         model.set_attn_implementation("sdpa")
         plain = model.generate(input_ids=input_ids[:, :6], max_new_tokens=4, do_sample=False)
     assert torch.equal(ours, plain)
+
+
+@pytest.mark.parametrize("layers", [frozenset({1}), frozenset({0, 2})])
+def test_probe_averages_only_the_chosen_layers(layers):
+    # cat_layers: the chosen layers' maps from eager attention, averaged over heads and
+    # those layers only (the sliding model has a full layer 0 and windowed 1 and 2).
+    model = build("qwen2_sliding")
+    input_ids, attention_mask, rows = batch("left")
+    set_impl(model, "eager")
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True, use_cache=False)
+    chosen = torch.stack([out.attentions[i] for i in sorted(layers)]).mean(dim=(0, 2))
+    ref = chosen.gather(1, rows.unsqueeze(-1).expand(-1, -1, L))
+    got, _ = probe_rows(model, input_ids, attention_mask, rows, layers=layers)
+    everything, _ = probe_rows(model, input_ids, attention_mask, rows)
+    assert (got - ref).abs().max().item() <= 1e-6
+    assert (got - everything).abs().max().item() > 1e-3
+
+
+def test_probe_with_layers_the_model_does_not_have():
+    model = build("llama_gqa")
+    input_ids, attention_mask, rows = batch("none")
+    with pytest.raises(ProbeError, match=r"none of the layers \[5\]"):
+        probe_rows(model, input_ids, attention_mask, rows, layers=frozenset({5}))

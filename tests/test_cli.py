@@ -30,7 +30,7 @@ def test_stg_train_eval(tmp_path):
 
     out = tmp_path / "model"
     r = cli("train", "--train", str(small), "--eval", str(small), "--out", str(out), "--max_steps", "4",
-            "--per_device_train_batch_size", "8", "--gamma", "0.5", "--alpha", "3", "--report_to", "none",
+            "--per_device_train_batch_size", "8", "--gamma", "0.5", "--alpha", "3", "--cat_layers", "-1", "--report_to", "none",
             "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true", "--logging_steps", "2")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "train_report.json").read_text())
@@ -61,6 +61,19 @@ def test_demo_tiny(tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
     assert [run["attention_plot"] for run in res["runs"]] == pngs[3:]
     assert "| cat" in r.stdout
+    assert res["settings"]["layers"] == [-1] and res["settings"]["h_layers"] is None
+
+
+@pytest.mark.parametrize("value, expected", [("all", None), ("ALL", None), ("-1", [-1]), ("0,1", [0, 1])])
+def test_parse_layers(value, expected):
+    from cattune.commands.common import parse_layers
+
+    assert parse_layers(value) == expected
+
+
+def test_demo_rejects_bad_layers(tmp_path):
+    r = cli("demo", "--out", str(tmp_path), "--layers", "last")
+    assert r.returncode == 2 and "comma-separated layer indices" in r.stderr
 
 
 @pytest.mark.parametrize("args, message", [

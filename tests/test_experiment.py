@@ -58,7 +58,8 @@ def lines(path: Path) -> list[dict]:
 def test_config_defaults_and_plan(tmp_path):
     cfg = load_config(micro(tmp_path))
     assert cfg.seeds == [0, 1] and cfg.arms == ["baseline", "cat", "placebo"]
-    assert cfg.train["learning_rate"] == 3e-3 and cfg.train["cat_alpha"] == 50.0  # "3e-3" from YAML, demo default
+    assert cfg.train["learning_rate"] == 3e-3  # "3e-3" from YAML
+    assert cfg.train["cat_alpha"] == 2000.0 and cfg.train["cat_layers"] == [-1]  # the demo's defaults
     assert [t.label for t in cfg.tasks] == ["E", "SVAMP"] and cfg.tasks[0].tests == {"iid_test": "iid_test",
                                                                                       "ood_test": "ood_test"}
     assert cfg.tasks[1].task.checker == "numeric" and cfg.tasks[1].tests == {"test": "test"}
@@ -76,9 +77,11 @@ def test_shipped_stg_config():
     assert all(m.is_tiny for m in cfg.models) and len(experiment.plan(cfg)) == 90
     assert cfg.train["cat_span_columns"] == "last_word" and cfg.train["num_train_epochs"] == 30
     e, h = cfg.tasks[1], cfg.tasks[4]
-    assert experiment.train_args_for(cfg, e, "cat")["cat_alpha"] == 50.0
-    assert {k: experiment.train_args_for(cfg, h, "cat")[k] for k in ("cat_alpha", "cat_gamma_decay", "num_train_epochs")} \
-        == {"cat_alpha": 2.0, "cat_gamma_decay": 1.0, "num_train_epochs": 10}
+    assert {k: experiment.train_args_for(cfg, e, "cat")[k] for k in ("cat_alpha", "cat_layers")} \
+        == {"cat_alpha": 2000.0, "cat_layers": [-1]}
+    keys = ("cat_alpha", "cat_gamma_decay", "num_train_epochs", "cat_layers")
+    assert {k: experiment.train_args_for(cfg, h, "cat")[k] for k in keys} \
+        == {"cat_alpha": 2.0, "cat_gamma_decay": 1.0, "num_train_epochs": 10, "cat_layers": None}
     assert experiment.train_args_for(cfg, h, "baseline")["cat_gamma"] == 0.0
     with pytest.raises(FileNotFoundError, match="shipped: .*stg"):
         load_config("builtin:nope")

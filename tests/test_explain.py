@@ -139,3 +139,17 @@ def test_errors(trained, tmp_path):
                      "--out", str(tmp_path / "y.png")]) == 1
     assert cli.main(["explain", "--data", str(data), "--out", str(tmp_path / "y.png")]) == 1
     assert not (tmp_path / "y.png").exists()
+
+
+def test_explain_layers(trained, stg_e):
+    # The heatmap of both layers is the mean of each layer's heatmap (the model has two).
+    record = stg_e.load("ood_test", limit=1)[0]
+    model, tok = trained["model"], trained["tok"]
+    both = explain.explain_record(model, tok, record).weights
+    first = explain.explain_record(model, tok, record, layers=[0]).weights
+    last = explain.explain_record(model, tok, record, layers=[-1]).weights
+    for b, f, l in zip(both, first, last):
+        assert b == pytest.approx([(x + y) / 2 for x, y in zip(f, l)], abs=1e-6)
+    assert max(abs(x - y) for f, l in zip(first, last) for x, y in zip(f, l)) > 1e-3
+    with pytest.raises(ValueError, match="out of range"):
+        explain.explain_record(model, tok, record, layers=[2])

@@ -47,6 +47,37 @@ def test_cat_training_lowers_loss_and_raises_attention_ratio(data, tmp_path):
     assert all(math.isfinite(x) for x in series(trainer, "loss_attn"))
 
 
+def test_loss_on_the_last_layer_only(data, tmp_path):
+    model, tok = make(data)
+    trainer = CATTrainer(model=model, args=config(tmp_path, cat_gamma=1.0, cat_layers=[-1]),
+                         train_dataset=data["train_S"][:64], processing_class=tok)
+    assert trainer.cat_layers == frozenset({1})
+    trainer.train()
+    ce, ratio = series(trainer, "loss_ce"), series(trainer, "attn_ratio")
+    assert ce[-1] < ce[0] * 0.5
+    assert ratio[-1] > 2 * ratio[0], ratio
+    # The logged ratio is the last layer's: it is not the two-layer average.
+    from cattune.evaluate import causal_attention_ratio
+
+    assert causal_attention_ratio(model, tok, data["train_S"][:64]) != pytest.approx(ratio[-1], rel=0.05)
+
+
+@pytest.mark.parametrize("layers, message", [([2], r"out of range: the model has 2 layers"),
+                                             ([-3], "out of range"), ([], "empty")])
+def test_cat_layers_out_of_range(data, tmp_path, layers, message):
+    model, tok = make(data)
+    with pytest.raises(ValueError, match=message):
+        CATTrainer(model=model, args=config(tmp_path, cat_layers=layers), train_dataset=data["train_S"][:8],
+                   processing_class=tok)
+
+
+def test_cat_layers_config_values(tmp_path):
+    assert config(tmp_path, cat_layers=-1).cat_layers == [-1]
+    assert config(tmp_path).cat_layers is None
+    with pytest.raises(ValueError, match="list of layer indices"):
+        config(tmp_path, cat_layers="last")
+
+
 def test_gamma_zero_is_plain_fine_tuning(data, tmp_path):
     """gamma 0 gives the stock Trainer's loss curve on the same seed and data."""
     records = data["train_S"][:64]

@@ -13,6 +13,8 @@ hands down to every attention call; nothing is stored globally.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -33,13 +35,15 @@ class AttentionProbe:
     """Collects the attention rows ``rows`` [B, R] of every layer during one forward.
 
     After the forward, ``result()`` is [B, R, L]: the probabilities averaged over heads
-    and layers, differentiable with respect to the model's parameters.
+    and layers, differentiable with respect to the model's parameters. ``layers``: the
+    indices (``module.layer_idx``) of the layers to average; None = all of them.
     """
 
-    def __init__(self, rows: torch.Tensor, detach: bool = False):
+    def __init__(self, rows: torch.Tensor, detach: bool = False, layers: frozenset[int] | None = None):
         self.rows = rows
         # detach: observe only (e.g. to log the ratio of a baseline), no gradient path
         self.detach = detach
+        self.only_layers = layers
         self.requires_grad = torch.is_grad_enabled() and not detach
         self.total: torch.Tensor | None = None
         self.layers = 0
@@ -52,6 +56,8 @@ class AttentionProbe:
 
     def result(self) -> torch.Tensor:
         if self.total is None:
+            if self.only_layers is not None:
+                raise ProbeError(f"the attention probe saw none of the layers {sorted(self.only_layers)}")
             raise ProbeError(
                 "the attention probe saw no attention layer: load the model with "
                 f"attn_implementation={ATTN_IMPLEMENTATION!r} (cattune.attention.use_row_probe(model))"
@@ -59,6 +65,13 @@ class AttentionProbe:
         return self.total / self.layers
 
     def record(self, module, query, key, attention_mask, scaling) -> None:
+        if self.only_layers is not None:
+            index = getattr(module, "layer_idx", None)
+            if index is None:
+                raise ProbeError(f"{type(module).__name__} has no layer_idx: choosing layers (cat_layers) "
+                                 "needs attention modules that know their index")
+            if index not in self.only_layers:
+                return
         # Reentrant checkpointing runs the training forward under no_grad; an eval-mode
         # forward under no_grad is someone measuring, not a loss about to be lost.
         if self.requires_grad and not torch.is_grad_enabled() and getattr(module, "training", True):
@@ -111,6 +124,23 @@ def cat_sdpa_attention(module, query, key, value, attention_mask, cat_probe: Att
             raise ProbeError("the attention probe does not work with a KV cache: run a plain forward (use_cache=False)")
         cat_probe.record(module, query, key, attention_mask, kwargs.get("scaling"))
     return out, None
+
+
+def resolve_layers(model, layers: Sequence[int] | None) -> frozenset[int] | None:
+    """Layer indices (negative ones counted from the end) as the set ``AttentionProbe`` takes."""
+    if layers is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    n = getattr(config, "num_hidden_layers", None)
+    if n is None:
+        raise ValueError("choosing layers: the model's config has no num_hidden_layers")
+    if not layers:
+        raise ValueError("no layers chosen (cat_layers is empty): leave it unset to average every layer")
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {n} layers (0..{n - 1}, or -{n}..-1)")
+    return frozenset(i % n for i in layers)
 
 
 def register() -> None:

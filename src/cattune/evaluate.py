@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .attention import AttentionProbe, use_row_probe
+from .attention import AttentionProbe, resolve_layers, use_row_probe
 from .loss import attention_ratio, row_terms, visible_columns
 from .masks import DEFAULT_SPAN_COLUMNS, collate, encode_record
 from .records import Record
@@ -135,20 +135,25 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 32,
 
 @torch.no_grad()
 def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: int = 32,
-                           span_columns: str = DEFAULT_SPAN_COLUMNS, max_length: int | None = None) -> float | None:
-    """Mean over supervised rows of a1/a0 (attention on causal columns vs the rest)."""
+                           span_columns: str = DEFAULT_SPAN_COLUMNS, max_length: int | None = None,
+                           layers: list[int] | None = None) -> float | None:
+    """Mean over supervised rows of a1/a0 (attention on causal columns vs the rest).
+
+    ``layers``: average only these layers' attention, as ``CATConfig.cat_layers`` does.
+    """
     encoded = [encode_record(tokenizer, r, max_length=max_length, span_columns=span_columns)
                for r in records if r.important]
     encoded = [e for e in encoded if e.pairs]
     if not encoded:
         return None
     use_row_probe(model)
+    chosen = resolve_layers(model, layers)
     device = _device(model)
     total, count = 0.0, 0
     for i in range(0, len(encoded), batch_size):
         b = collate(encoded[i : i + batch_size], tokenizer.pad_token_id, padding_side="right")
         rows = b.rows.to(device)
-        probe = AttentionProbe(rows)
+        probe = AttentionProbe(rows, layers=chosen)
         model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), cat_probe=probe,
               use_cache=False)
         attn = probe.result()
@@ -162,12 +167,12 @@ def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: 
 
 def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = "exact", batch_size: int = 32,
              max_new_tokens: int | None = None, progress: bool = True, desc: str = "eval",
-             span_columns: str = DEFAULT_SPAN_COLUMNS) -> EvalResult:
+             span_columns: str = DEFAULT_SPAN_COLUMNS, layers: list[int] | None = None) -> EvalResult:
     """Accuracy of greedy answers on ``records`` plus per-record predictions.
 
     ``max_new_tokens`` defaults to the longest target's token count + 4. The attention
     ratio is measured on annotated records with ``span_columns``, CATConfig's default
-    (pass the training setting to compare with the trainer's logged ratio).
+    and ``layers`` (pass the training settings to compare with the trainer's logged ratio).
     """
     if not records:
         raise ValueError("nothing to evaluate: the record list is empty")
@@ -182,7 +187,7 @@ def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = 
     try:
         answers = generate_answers(model, tokenizer, [r.prompt for r in records], batch_size, max_new_tokens,
                                    progress=progress, desc=desc)
-        ratio = causal_attention_ratio(model, tokenizer, records, batch_size, span_columns=span_columns)
+        ratio = causal_attention_ratio(model, tokenizer, records, batch_size, span_columns=span_columns, layers=layers)
     finally:
         model.train(was_training)
     predictions = []

@@ -58,9 +58,10 @@ DEFAULT_TRAIN = {
     "per_device_train_batch_size": 16,
     "warmup_steps": 0.1,
     "lr_scheduler_type": "cosine",
-    "cat_alpha": 50.0,
+    "cat_alpha": 2000.0,
     "cat_gamma": 1.0,
     "cat_gamma_decay": 0.0,
+    "cat_layers": [-1],
     "cat_span_columns": DEFAULT_SPAN_COLUMNS,
     "logging_steps": 50,
 }
@@ -459,6 +460,11 @@ def _pct(x: float) -> str:
     return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
+def _ratio(x: float) -> str:
+    # A layer that looks only at the causes drives a0 towards 0 and the ratio past 1e10.
+    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
+
+
 def _signed(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:+.1f}"
 
@@ -492,7 +498,7 @@ def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str
                   "| task | model | test | " + " | ".join(ratio_arms) + " |",
                   "|---|---|---|" + "|".join("---" for _ in ratio_arms) + "|"]
         for r in rows:
-            vals = ["-" if math.isnan(r[f"{a}_attn_ratio"]) else f"{r[f'{a}_attn_ratio']:.2f}" for a in ratio_arms]
+            vals = ["-" if math.isnan(r[f"{a}_attn_ratio"]) else _ratio(r[f"{a}_attn_ratio"]) for a in ratio_arms]
             lines.append(f"| {r['task']} | {r['model']} | {r['test']} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
@@ -626,7 +632,8 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
     for name, records in data.tests.items():
         res = evaluate(model, tok, records, checker=entry.task.checker_fn, batch_size=config.eval["batch_size"],
                        max_new_tokens=config.eval["max_new_tokens"], progress=progress,
-                       desc=f"{spec.run_id} {name}", span_columns=trainer.args.cat_span_columns)
+                       desc=f"{spec.run_id} {name}", span_columns=trainer.args.cat_span_columns,
+                       layers=trainer.args.cat_layers)
         tests[name] = {"accuracy": res.accuracy, "n": res.n, "correct": res.correct,
                        "attention_ratio": res.attention_ratio}
         predictions[name] = res.predictions

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .commands.common import parse_layers
 from .masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from .records import Record, atomic_write_bytes
 
@@ -49,6 +50,7 @@ class Explanation:
     answer_source: str  # "target" or "prediction": which answer the rows produce
     record_index: int | None = None
     unaligned: list = field(default_factory=list)
+    layers: list[int] | None = None  # the layers averaged (None: all of them)
 
     @property
     def ratio(self) -> float | None:
@@ -77,15 +79,18 @@ def _label(text: str) -> str:
 
 
 def explain_record(model, tokenizer, record: Record, use_prediction: bool = False, span_columns: str = DEFAULT_SPAN_COLUMNS,
-                   max_new_tokens: int | None = None, record_index: int | None = None) -> Explanation:
+                   max_new_tokens: int | None = None, record_index: int | None = None,
+                   layers: list[int] | None = None) -> Explanation:
     """Attention of the rows producing ``record``'s answer over its prompt tokens.
+
+    ``layers``: average only these layers (0 = first, -1 = last); default all of them.
 
     The answer is the record's target (teacher forcing), or with ``use_prediction`` the
     model's own greedy answer (what it looked at when it answered, right or wrong).
     """
     import torch
 
-    from .attention import AttentionProbe, use_row_probe
+    from .attention import AttentionProbe, resolve_layers, use_row_probe
     from .evaluate import generate_answers
     from .masks import encode_record
     from .trainer import prepare_tokenizer
@@ -113,7 +118,8 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
         if not rows:
             raise ValueError("the answer has no tokens to explain (empty target)")
         ids = torch.tensor([shown.input_ids], device=next(model.parameters()).device)
-        probe = AttentionProbe(torch.tensor([rows], device=ids.device), detach=True)
+        probe = AttentionProbe(torch.tensor([rows], device=ids.device), detach=True,
+                               layers=resolve_layers(model, layers))
         with torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), cat_probe=probe, use_cache=False)
         attn = probe.result()[0, :, :n_prompt].float().cpu()
@@ -139,7 +145,8 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
     return Explanation(prompt_tokens=labels, answer_tokens=answer_tokens, weights=attn.tolist(),
                        causal_columns=causal, annotated_columns=others, special_columns=special,
                        target=record.target, prediction=prediction, answer_source=source,
-                       record_index=record_index, unaligned=[list(u) for u in annotated.unaligned])
+                       record_index=record_index, unaligned=[list(u) for u in annotated.unaligned],
+                       layers=None if layers is None else list(layers))
 
 
 def _figure(width: float, height: float):
@@ -217,8 +224,9 @@ def plot_explanation(expl: Explanation, out_png: str | os.PathLike, title: str |
         ratio = expl.ratio
         title = (f"{idx}target {expl.target!r}, model answers {expl.prediction!r}"
                  + (f"; causal/other attention {ratio:.2f}" if ratio is not None else "; no causal columns"))
+    averaged = "layers and heads" if expl.layers is None else f"heads of layer(s) {', '.join(map(str, expl.layers))}"
     bar_ax.set_title(title + "\n(red: causal spans of the answer; pink: other annotated values; "
-                     "attention averaged over layers and heads)", fontsize=font + 1)
+                     f"attention averaged over {averaged})", fontsize=font + 1)
     fig.subplots_adjust(left=min(0.25, 1.2 / width), right=0.97, top=0.9, bottom=0.2)
     return save_png(fig, out_png)
 
@@ -295,6 +303,9 @@ def plot_ratio_curve(source: Any, out_png: str | os.PathLike, alpha: float | Non
     ax.axhline(1.0, color=PLAIN_COLOR, linestyle=":", linewidth=1, label="no preference (1)")
     if alpha is not None:
         ax.axhline(alpha, color=CAUSAL_COLOR, linestyle="--", linewidth=1, label=f"alpha = {alpha:g}")
+    values = [y for _, ys in series.values() for y in ys if y > 0] + ([alpha] if alpha else []) + [1.0]
+    if max(values) / min(values) > 100:  # a layer that looks only at the causes drives a0 towards 0
+        ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("causal / other attention (a1/a0)")
     ax.set_title(title or "Attention on causal tokens during training")
@@ -333,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rows producing the model's own greedy answer instead of the target")
     heat.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
                       help="value tokens marked causal, as in training (default: %(default)s)")
+    heat.add_argument("--layers", type=parse_layers, default=None,
+                      help="average only these layers, comma-separated (0 = first, -1 = last); default: all")
     heat.add_argument("--show-special", action="store_true", help="also show BOS and other special tokens")
     heat.add_argument("--json", metavar="FILE", help="also write the numbers (tokens, weights, columns) as JSON")
     heat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")
@@ -360,7 +373,7 @@ def run(args) -> int:
 
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     expl = explain_record(model, tok, records[args.record], use_prediction=args.use_prediction,
-                          span_columns=args.span_columns, record_index=args.record)
+                          span_columns=args.span_columns, record_index=args.record, layers=args.layers)
     path = plot_explanation(expl, args.out, show_special=args.show_special)
     if args.json:
         from .records import atomic_write_text

@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .attention import AttentionProbe, use_row_probe
+from .attention import AttentionProbe, resolve_layers, use_row_probe
 from .loss import LOSS_KINDS, attention_ratio, counted_rows, row_loss, row_terms, visible_columns
 from .masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS, EncodedRecord, collate, encode_record
 from .records import Record, record_from_json
@@ -53,6 +53,12 @@ class CATConfig(TrainingArguments):
             `"last"` (the span's last token only) or `"all"` (every token, the paper's
             choice). In a left-to-right model the "Smoking:" before the value cannot carry
             it, yet attention on it satisfies the loss: README, "Spans to columns".
+        cat_layers (`list[int]`, *optional*):
+            Decoder layers whose attention the loss averages (0 = the first, -1 = the
+            last). Default: every layer, as in the paper. A model's first layer sees only
+            token identities and positions, so it cannot tell the "8" of "Smoking: 8" from
+            any other "8"; in a model of a few layers, asking it to attend to causal values
+            makes it read every number (README, "Choosing alpha and the layers").
 
         > Data
 
@@ -78,6 +84,10 @@ class CATConfig(TrainingArguments):
         default=DEFAULT_SPAN_COLUMNS,
         metadata={"help": "Value tokens that become causal columns.", "choices": list(SPAN_COLUMNS)},
     )
+    cat_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Layers whose attention the loss averages (0 = first, -1 = last); default all, as in the paper."},
+    )
     max_length: int = field(default=256, metadata={"help": "Maximum tokens per record (prompt cut from the left)."})
     report_to: None | str | list[str] = field(
         default="auto",
@@ -100,6 +110,13 @@ class CATConfig(TrainingArguments):
             raise ValueError(f"cat_span_columns must be one of {SPAN_COLUMNS}, got {self.cat_span_columns!r}")
         if self.cat_gamma_decay_unit not in ("epoch", "step"):
             raise ValueError(f"cat_gamma_decay_unit must be 'epoch' or 'step', got {self.cat_gamma_decay_unit!r}")
+        if isinstance(self.cat_layers, int) and not isinstance(self.cat_layers, bool):
+            self.cat_layers = [self.cat_layers]
+        if self.cat_layers is not None and not (
+            isinstance(self.cat_layers, (list, tuple))
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in self.cat_layers)
+        ):
+            raise ValueError(f"cat_layers must be a list of layer indices (e.g. [-1]) or None, got {self.cat_layers!r}")
         if self.cat_gamma < 0 or self.cat_alpha <= 0:
             raise ValueError("cat_gamma must be >= 0 and cat_alpha > 0")
 
@@ -203,6 +220,7 @@ class CATTrainer(Trainer):
         if eval_dataset is not None:
             encoded_eval = self._encode("eval", tokenizer, to_records(eval_dataset), args)
         use_row_probe(model)
+        self.cat_layers = resolve_layers(model, args.cat_layers)
         kwargs.setdefault("data_collator", CATCollator(tokenizer.pad_token_id))
         super().__init__(model=model, args=args, train_dataset=encoded_train, eval_dataset=encoded_eval,
                          processing_class=tokenizer, **kwargs)
@@ -264,7 +282,7 @@ class CATTrainer(Trainer):
         gamma = self.cat_gamma_now()
         supervised = rows is not None and rows.numel() > 0
         # With gamma = 0 the probe runs detached: the ratio is logged, the loss is plain CE.
-        probe = AttentionProbe(rows, detach=gamma == 0) if supervised else None
+        probe = AttentionProbe(rows, detach=gamma == 0, layers=self.cat_layers) if supervised else None
         extra = {"cat_probe": probe} if supervised else {}
         loss, outputs = super().compute_loss(model, {**inputs, **extra}, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -37,3 +38,13 @@ def format_table(header: list[str], rows: list[list]) -> str:
 
 def write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """'all' -> None (every layer); '-1' or '0,1' -> a list of layer indices."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer indices such as -1 or 0,1; got {text!r}")

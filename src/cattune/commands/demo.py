@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
-from .common import format_table, write_json
+from .common import format_table, parse_layers, write_json
 
 ARMS = ("baseline", "cat")
 
@@ -40,11 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (cosine schedule, 10%% warm-up)")
     p.add_argument("--batch-size", type=int, default=16, help="per-step batch size")
     p.add_argument("--gamma", type=float, default=1.0, help="CAT arm: Re-Attention loss weight")
-    p.add_argument("--alpha", type=float, default=50.0,
-                   help="CAT arm on STG_E: target causal/other ratio of the layer-averaged attention")
+    p.add_argument("--alpha", type=float, default=2000.0,
+                   help="CAT arm on STG_E: target causal/other attention ratio (of the --layers' average)")
     p.add_argument("--gamma-decay", type=float, default=0.0, help="CAT arm on STG_E: gamma decay per epoch")
+    p.add_argument("--layers", type=parse_layers, default="-1",
+                   help="CAT arm on STG_E: decoder layers whose attention the loss averages, comma-separated "
+                   "(0 = first, -1 = last), or 'all' (the paper)")
     p.add_argument("--h-alpha", type=float, default=2.0, help="CAT arm on STG_H: alpha")
     p.add_argument("--h-gamma-decay", type=float, default=1.0, help="CAT arm on STG_H: gamma decay per epoch")
+    p.add_argument("--h-layers", type=parse_layers, default="all", help="CAT arm on STG_H: layers, as --layers")
     p.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
                    help="value tokens that become causal columns ('all' = the paper's whole span)")
     p.add_argument("--threads", type=int, default=1,
@@ -58,10 +62,12 @@ VARIANTS = {"E": ("train_L", "exact"), "H": ("train", "numeric")}
 
 
 def variant_settings(variant: str, args) -> dict:
-    """The command-line settings of one STG variant: split, epochs, alpha, gamma decay."""
+    """The command-line settings of one STG variant: split, epochs, alpha, gamma decay, layers."""
     if variant == "E":
-        return {"split": args.split, "epochs": args.epochs, "alpha": args.alpha, "decay": args.gamma_decay}
-    return {"split": "train", "epochs": args.h_epochs, "alpha": args.h_alpha, "decay": args.h_gamma_decay}
+        return {"split": args.split, "epochs": args.epochs, "alpha": args.alpha, "decay": args.gamma_decay,
+                "layers": args.layers}
+    return {"split": "train", "epochs": args.h_epochs, "alpha": args.h_alpha, "decay": args.h_gamma_decay,
+            "layers": args.h_layers}
 
 
 def train_arm(variant: str, arm: str, seed: int, data: dict, args, out: Path) -> dict:
@@ -77,6 +83,7 @@ def train_arm(variant: str, arm: str, seed: int, data: dict, args, out: Path) ->
         cat_gamma=args.gamma if arm == "cat" else 0.0,
         cat_alpha=settings["alpha"],
         cat_gamma_decay=settings["decay"],
+        cat_layers=settings["layers"],
         cat_span_columns=args.span_columns,
         num_train_epochs=settings["epochs"],
         per_device_train_batch_size=args.batch_size,
@@ -97,6 +104,7 @@ def train_arm(variant: str, arm: str, seed: int, data: dict, args, out: Path) ->
               "train_seconds": round(time.time() - t, 1), "log_history": trainer.state.log_history}
     for split in ("iid_test", "ood_test"):
         res = evaluate(model, tokenizer, data[split], checker=checker, span_columns=args.span_columns,
+                       layers=settings["layers"],
                        desc=f"STG_{variant} {arm} seed {seed} {split}")
         result[split] = res.accuracy
         result[f"{split}_attention_ratio"] = res.attention_ratio

@@ -89,7 +89,7 @@ def _train(targs, config) -> int:
         from ..evaluate import evaluate
 
         res = evaluate(trainer.model, tokenizer, eval_records, checker=targs.checker,
-                       span_columns=config.cat_span_columns)
+                       span_columns=config.cat_span_columns, layers=config.cat_layers)
         report["eval"] = {"accuracy": res.accuracy, "n": res.n, "attention_ratio": res.attention_ratio}
         print(f"eval accuracy on {targs.eval}: {res.accuracy:.3f} ({res.correct}/{res.n})")
     if trainer.is_world_process_zero():
