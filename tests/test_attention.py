@@ -262,5 +262,10 @@ def test_probe_averages_only_the_chosen_layers(layers):
 def test_probe_with_layers_the_model_does_not_have():
     model = build("llama_gqa")
     input_ids, attention_mask, rows = batch("none")
-    with pytest.raises(ProbeError, match=r"none of the layers \[5\]"):
+    with pytest.raises(ProbeError, match=r"saw 2 attention layer\(s\) but none of the chosen layers \[5\]"):
         probe_rows(model, input_ids, attention_mask, rows, layers=frozenset({5}))
+    set_impl(model, "sdpa")  # no row probe at all: the usual hint, whatever the layers
+    probe = AttentionProbe(rows, layers=frozenset({1}))
+    model(input_ids=input_ids, attention_mask=attention_mask, cat_probe=probe)
+    with pytest.raises(ProbeError, match="use_row_probe"):
+        probe.result()

@@ -45,6 +45,13 @@ def test_stg_train_eval(tmp_path):
     res = json.loads((out / "eval_results.json").read_text())
     assert set(res["results"]) == {str(small), str(tmp_path / "stg" / "ood_test.jsonl")}
     assert res["results"][str(small)]["n"] == 32
+    # Trained with --cat_layers -1: the report's ratio is the last layer's, and
+    # `cattune eval --layers=-1` measures the same thing (all layers by default).
+    r = cli("eval", "--model", str(out), "--data", str(small), "--layers=-1", "--out", str(tmp_path / "last.json"))
+    assert r.returncode == 0, r.stderr
+    last = json.loads((tmp_path / "last.json").read_text())["results"][str(small)]["attention_ratio"]
+    assert last == pytest.approx(report["eval"]["attention_ratio"], rel=1e-5)
+    assert last != pytest.approx(res["results"][str(small)]["attention_ratio"], rel=1e-5)
 
 
 def test_demo_tiny(tmp_path):
@@ -93,3 +100,9 @@ def test_broken_record_names_file_and_line(tmp_path):
     data.write_text('{"input": "a ", "target": "b"}\n{"input": "a "}\n')
     r = cli("train", "--train", str(data), "--out", str(tmp_path / "o"))
     assert r.returncode == 1 and f"{data}:2: missing field 'target'" in r.stderr
+
+
+def test_format_ratio():
+    from cattune.commands.common import format_ratio
+
+    assert format_ratio(2.345) == "2.35" and format_ratio(9999.0) == "9999.00" and format_ratio(3.21e11) == "3.2e+11"

@@ -153,3 +153,12 @@ def test_explain_layers(trained, stg_e):
     assert max(abs(x - y) for f, l in zip(first, last) for x, y in zip(f, l)) > 1e-3
     with pytest.raises(ValueError, match="out of range"):
         explain.explain_record(model, tok, record, layers=[2])
+
+
+@pytest.mark.parametrize("ratios, scale", [([1.0, 3.0, 20.0], "linear"), ([1.0, 5e3, 1e12], "log")])
+def test_ratio_curve_goes_log_when_the_ratio_explodes(tmp_path, monkeypatch, ratios, scale):
+    scales = []
+    monkeypatch.setattr(explain, "save_png", lambda fig, path: scales.append(fig.axes[0].get_yscale()) or Path(path))
+    history = [{"attn_ratio": r, "step": 10 * i} for i, r in enumerate(ratios)]
+    explain.plot_ratio_curve(history, tmp_path / "r.png", alpha=5.0)
+    assert scales == [scale]

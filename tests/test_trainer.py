@@ -62,6 +62,23 @@ def test_loss_on_the_last_layer_only(data, tmp_path):
     assert causal_attention_ratio(model, tok, data["train_S"][:64]) != pytest.approx(ratio[-1], rel=0.05)
 
 
+def test_cat_layers_decide_which_layers_the_loss_reaches(data, tmp_path):
+    # The attention loss on layer 0 cannot depend on layer 1's queries and keys: their
+    # gradients are the CE's alone (the same as with gamma 0). On layer 1 they are not.
+    def grads(gamma, layers):
+        model, tok = make(data)
+        trainer = CATTrainer(model=model, args=config(tmp_path, cat_gamma=gamma, cat_layers=layers),
+                             train_dataset=data["train_S"][:8], processing_class=tok)
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.compute_loss(model, batch).backward()
+        attn = model.model.layers[1].self_attn
+        return torch.cat([attn.q_proj.weight.grad.flatten(), attn.k_proj.weight.grad.flatten()])
+
+    plain = grads(0.0, [0])
+    assert torch.allclose(grads(1.0, [0]), plain, atol=1e-7)
+    assert (grads(1.0, [1]) - plain).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("layers, message", [([2], r"out of range: the model has 2 layers"),
                                              ([-3], "out of range"), ([], "empty")])
 def test_cat_layers_out_of_range(data, tmp_path, layers, message):

@@ -46,7 +46,8 @@ class AttentionProbe:
         self.only_layers = layers
         self.requires_grad = torch.is_grad_enabled() and not detach
         self.total: torch.Tensor | None = None
-        self.layers = 0
+        self.layers = 0  # layers averaged
+        self.seen = 0  # attention calls, chosen layers or not
         self.closed = False
 
     def close(self) -> None:
@@ -56,8 +57,9 @@ class AttentionProbe:
 
     def result(self) -> torch.Tensor:
         if self.total is None:
-            if self.only_layers is not None:
-                raise ProbeError(f"the attention probe saw none of the layers {sorted(self.only_layers)}")
+            if self.seen:
+                raise ProbeError(f"the attention probe saw {self.seen} attention layer(s) but none of the chosen "
+                                 f"layers {sorted(self.only_layers)}: do those layers have attention?")
             raise ProbeError(
                 "the attention probe saw no attention layer: load the model with "
                 f"attn_implementation={ATTN_IMPLEMENTATION!r} (cattune.attention.use_row_probe(model))"
@@ -65,6 +67,7 @@ class AttentionProbe:
         return self.total / self.layers
 
     def record(self, module, query, key, attention_mask, scaling) -> None:
+        self.seen += 1
         if self.only_layers is not None:
             index = getattr(module, "layer_idx", None)
             if index is None:

@@ -46,6 +46,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from .commands.common import format_ratio
 from .masks import DEFAULT_SPAN_COLUMNS
 from .records import Record, atomic_write_text, load_config_file
 from .tasks import Task, TaskError, get_task, load_task_file, placebo_records
@@ -460,11 +461,6 @@ def _pct(x: float) -> str:
     return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
-def _ratio(x: float) -> str:
-    # A layer that looks only at the causes drives a0 towards 0 and the ratio past 1e10.
-    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
-
-
 def _signed(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:+.1f}"
 
@@ -498,7 +494,7 @@ def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str
                   "| task | model | test | " + " | ".join(ratio_arms) + " |",
                   "|---|---|---|" + "|".join("---" for _ in ratio_arms) + "|"]
         for r in rows:
-            vals = ["-" if math.isnan(r[f"{a}_attn_ratio"]) else _ratio(r[f"{a}_attn_ratio"]) for a in ratio_arms]
+            vals = ["-" if math.isnan(r[f"{a}_attn_ratio"]) else format_ratio(r[f"{a}_attn_ratio"]) for a in ratio_arms]
             lines.append(f"| {r['task']} | {r['model']} | {r['test']} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
@@ -645,7 +641,7 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
         if records:
             path = plot_record(model, tok, records[0], out / "plots" / f"{spec.run_id}.png",
                                title=f"{spec.run_id}, {name} record 0", span_columns=trainer.args.cat_span_columns,
-                               record_index=0)
+                               record_index=0, layers=trainer.args.cat_layers)
             attention_plot = str(path.relative_to(out))
     log_path = out / "logs" / f"{spec.run_id}.json"
     atomic_write_text(log_path, json.dumps({"run": dataclasses.asdict(spec), "encode": trainer.encode_stats,

@@ -2,7 +2,7 @@
 
 - :func:`explain_record` / :func:`plot_explanation`: a heatmap of the attention of the
   answer-producing rows (the positions that predict each answer token) over the prompt
-  tokens, averaged over layers and heads (``cattune.attention.AttentionProbe``), the
+  tokens, averaged over heads and over all layers or the chosen ones (``cattune.attention.AttentionProbe``), the
   record's causal spans marked (placed with ``cattune.masks.encode_record``), token
   labels on the x axis and a bar strip of the mean attention per prompt token.
 - :func:`plot_ratio_curve`: the causal/non-causal attention ratio (``attn_ratio``) over
@@ -232,10 +232,12 @@ def plot_explanation(expl: Explanation, out_png: str | os.PathLike, title: str |
 
 
 def plot_record(model, tokenizer, record: Record, out_png: str | os.PathLike, title: str,
-                span_columns: str = DEFAULT_SPAN_COLUMNS, record_index: int | None = None) -> Path:
+                span_columns: str = DEFAULT_SPAN_COLUMNS, record_index: int | None = None,
+                layers: list[int] | None = None) -> Path:
     """:func:`explain_record` then :func:`plot_explanation`, the title followed by the
     target and the model's answer: the heatmap the demo and the experiment runner embed."""
-    expl = explain_record(model, tokenizer, record, span_columns=span_columns, record_index=record_index)
+    expl = explain_record(model, tokenizer, record, span_columns=span_columns, record_index=record_index,
+                          layers=layers)
     return plot_explanation(expl, out_png, title=f"{title}: target {expl.target.strip()!r}, "
                                                  f"answer {expl.prediction!r}")
 
@@ -345,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     heat.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
                       help="value tokens marked causal, as in training (default: %(default)s)")
     heat.add_argument("--layers", type=parse_layers, default=None,
-                      help="average only these layers, comma-separated (0 = first, -1 = last); default: all")
+                      help="average only these layers, comma-separated (0 = first, -1 = last; write a list as "
+                      "--layers=-2,-1); default: all")
     heat.add_argument("--show-special", action="store_true", help="also show BOS and other special tokens")
     heat.add_argument("--json", metavar="FILE", help="also write the numbers (tokens, weights, columns) as JSON")
     heat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")

@@ -287,7 +287,7 @@ class CATTrainer(Trainer):
         loss, outputs = super().compute_loss(model, {**inputs, **extra}, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         scaled = self._loss_scaled_for_ga(num_items_in_batch)
-        ga = self.current_gradient_accumulation_steps
+        ga = getattr(self, "current_gradient_accumulation_steps", 1)  # set by the training loop
 
         # Logged as (sum, count) pairs so that averages over steps and processes are
         # exact. The CE the Trainer returns carries its own scalings (accumulation,

@@ -40,6 +40,12 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def format_ratio(x: float) -> str:
+    """An attention ratio for a table: a layer that looks only at the causes drives a0
+    towards 0 and the ratio past 1e10."""
+    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
+
+
 def parse_layers(text: str) -> list[int] | None:
     """'all' -> None (every layer); '-1' or '0,1' -> a list of layer indices."""
     if text.strip().lower() == "all":

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma-decay", type=float, default=0.0, help="CAT arm on STG_E: gamma decay per epoch")
     p.add_argument("--layers", type=parse_layers, default="-1",
                    help="CAT arm on STG_E: decoder layers whose attention the loss averages, comma-separated "
-                   "(0 = first, -1 = last), or 'all' (the paper)")
+                   "(0 = first, -1 = last), or 'all' (the paper); write a list as --layers=-2,-1")
     p.add_argument("--h-alpha", type=float, default=2.0, help="CAT arm on STG_H: alpha")
     p.add_argument("--h-gamma-decay", type=float, default=1.0, help="CAT arm on STG_H: gamma decay per epoch")
     p.add_argument("--h-layers", type=parse_layers, default="all", help="CAT arm on STG_H: layers, as --layers")
@@ -112,7 +112,8 @@ def train_arm(variant: str, arm: str, seed: int, data: dict, args, out: Path) ->
         from ..explain import plot_record
 
         path = plot_record(model, tokenizer, data["ood_test"][0], out / f"attention_STG_{variant}_{arm}.png",
-                           title=f"STG_{variant} {arm}, OOD record 0", span_columns=args.span_columns, record_index=0)
+                           title=f"STG_{variant} {arm}, OOD record 0", span_columns=args.span_columns, record_index=0,
+                           layers=settings["layers"])
         result["attention_plot"] = path.name
     return result
 

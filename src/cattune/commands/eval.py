@@ -8,7 +8,7 @@ from pathlib import Path
 from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from ..evaluate import CHECKERS, evaluate
 from ..records import load_records
-from .common import format_table, load_model, write_json
+from .common import format_ratio, format_table, load_model, parse_layers, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest target + 4 tokens")
     p.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
                    help="value tokens counted as causal for the attention ratio (as in training)")
+    p.add_argument("--layers", type=parse_layers, default="all",
+                   help="layers whose attention the ratio averages, as cat_layers in training: 'all' or indices "
+                   "such as -1 (write a list as --layers=-2,-1)")
     p.add_argument("--out", default=None, help="JSON output (default: MODEL/eval_results.json)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")
     return p
@@ -35,9 +38,10 @@ def run(args) -> int:
     results, rows = {}, []
     for path, records in datasets.items():
         res = evaluate(model, tokenizer, records, checker=args.checker, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, desc=Path(path).name, span_columns=args.span_columns)
+                       max_new_tokens=args.max_new_tokens, desc=Path(path).name, span_columns=args.span_columns,
+                       layers=args.layers)
         results[path] = res.to_json()
-        ratio = "-" if res.attention_ratio is None else f"{res.attention_ratio:.2f}"
+        ratio = "-" if res.attention_ratio is None else format_ratio(res.attention_ratio)
         rows.append([path, res.n, res.accuracy, ratio])
     print(format_table(["data", "n", "accuracy", "attn ratio"], rows))
     out = Path(args.out) if args.out else Path(args.model) / "eval_results.json"
