@@ -39,11 +39,7 @@ p.add_argument("--val-limit", type=int, default=None, help="evaluate on the firs
 p.add_argument("--digits", action="store_true", help="one token per digit")
 p.add_argument("--spaced", action="store_true", help="numbers keep their leading space (' 8' one token)")
 p.add_argument("--cat-layers", default="all", help="layers the loss averages: all (the paper) or e.g. -1")
-p.add_argument("--probe-from", type=int, default=0, help=argparse.SUPPRESS)  # older spelling of --cat-layers
 a = p.parse_args()
-if a.probe_from:
-    a.cat_layers = ",".join(str(i) for i in range(a.probe_from, a.layers))
-del a.probe_from
 if a.spaced:
     import cattune.tiny as _tiny
     from tokenizers import pre_tokenizers as _pt
