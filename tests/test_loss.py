@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cattune.loss import LOSS_KINDS, re_attention_loss, re_attention_loss_rows, row_loss, row_terms
+from cattune.loss import LOSS_KINDS, attention_ratio, re_attention_loss, re_attention_loss_rows, row_loss, row_terms
 
 
 def reference_loss(attn, mask, alpha, kind, attention_mask=None):
@@ -226,6 +226,15 @@ def test_row_terms_means():
     a1, a0, counted = row_terms(attn, causal, visible)
     assert a1.item() == pytest.approx(0.2) and a0.item() == pytest.approx(0.2) and counted.item()
     assert row_loss(a1, a0, counted, alpha=1.0, kind="hinge").item() == 0.0  # r = 1 is not < 1
+
+
+def test_attention_ratio_of_a_satisfied_row_does_not_overflow():
+    # A row driven far past alpha: a0 a float32 subnormal, a1/a0 beyond float32's range.
+    a1 = torch.tensor([0.5, 0.25])
+    a0 = torch.tensor([1e-44, 0.25])
+    ratio = attention_ratio(a1, a0, torch.tensor([True, True]))
+    assert math.isfinite(ratio.item())
+    assert ratio.item() == pytest.approx((0.5 / float(a0[0]) + 1.0) / 2, rel=1e-6)
 
 
 def test_vectorised_at_training_size():

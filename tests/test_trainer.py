@@ -181,6 +181,19 @@ def test_non_finite_loss_stops_with_step(data, tmp_path):
         trainer.train()
 
 
+def test_huge_attention_ratio_is_logged_not_fatal(data, tmp_path, monkeypatch):
+    # With alpha in the thousands the causal/other ratio can exceed any float: it is a
+    # diagnostic, so training goes on and only non-finite losses stop it.
+    import cattune.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "attention_ratio", lambda *a: torch.tensor(float("inf")))
+    model, tok = make(data)
+    trainer = CATTrainer(model=model, args=config(tmp_path, cat_gamma=1.0, max_steps=3),
+                         train_dataset=data["train_S"][:32], processing_class=tok)
+    trainer.train()
+    assert trainer.state.global_step == 3
+
+
 def test_bad_input(data, tmp_path):
     model, tok = make(data)
     with pytest.raises(ValueError, match="empty"):

@@ -72,7 +72,12 @@ def row_loss(a1: torch.Tensor, a0: torch.Tensor, counted: torch.Tensor, alpha: f
 
 
 def attention_ratio(a1: torch.Tensor, a0: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-    """Mean a1/a0 over counted rows (a diagnostic: > 1 means causal columns get more)."""
+    """Mean a1/a0 over counted rows (a diagnostic: > 1 means causal columns get more).
+
+    Taken in float64: once a row is satisfied, a0 can shrink to a subnormal float32
+    (1e-44) and a1/a0 then overflows float32 to inf.
+    """
+    a1, a0 = a1.double(), a0.double()
     ok = counted & (a0 > 0)
     ratio = torch.where(ok, a1 / torch.where(ok, a0, torch.ones_like(a0)), torch.zeros_like(a1))
     return ratio.sum() / ok.sum().clamp(min=1)
