@@ -492,3 +492,141 @@ def test_annotate_file_from_python_can_be_stopped_and_resumed(tmp_path):
     report = annotate_file(inp, out, annotator, progress=False, concurrency=3)
     assert report["complete"] and report["already_done"] == 3 and len(seen) == 10
     assert [line["cat_id"] for line in read_jsonl(out)] == list(range(10))
+
+
+# --------------------------------------------------------------------------- --structured
+
+
+class FormatStub(Stub):
+    """A stub that records each request's response_format and can refuse json_schema."""
+
+    def __init__(self, answers, refuse=None):
+        super().__init__(answers)
+        self.refuse = refuse  # (status, message) answered to requests carrying json_schema
+        self.formats = []
+
+    def reply(self, body):
+        fmt = body.get("response_format")
+        with self.lock:
+            self.formats.append(fmt)
+        if self.refuse and fmt and fmt.get("type") == "json_schema":
+            status, message = self.refuse
+            return status, {"error": {"message": message, "type": "invalid_request_error"}}, []
+        return super().reply(body)
+
+
+@pytest.fixture
+def format_stub(env):
+    stubs = []
+
+    def start(answers, refuse=None):
+        stubs.append(FormatStub(answers, refuse))
+        return stubs[-1]
+
+    yield start
+    for stub in stubs:
+        stub.close()
+
+
+def test_structured_auto_sends_the_annotation_schema(format_stub, tmp_path):
+    from cattune.annotate.llm import ANNOTATION_SCHEMA
+
+    records, answers = make_records(3)
+    stub = format_stub(answers)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    assert annotate(*llm_args(stub, inp, out)) == 0
+    assert len(stub.formats) == 3
+    for fmt in stub.formats:
+        assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == ANNOTATION_SCHEMA
+        assert fmt["json_schema"]["strict"] is False  # free-text keys cannot be an OpenAI strict schema
+    # The schema admits exactly the shape of a good reply: string keys -> non-empty string lists.
+    schema = ANNOTATION_SCHEMA["additionalProperties"]
+    for answer in answers.values():
+        assert all(isinstance(v, list) and len(v) >= schema["minItems"] and all(isinstance(x, str) for x in v)
+                   for v in answer.values())
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert (report["structured"], report["response_format"], report["structured_fallback"]) == ("auto", "json_schema", None)
+
+
+@pytest.mark.parametrize("flags, expected", [(["--structured", "off"], None),
+                                             (["--structured", "off", "--json-mode"], "json_object")])
+def test_structured_off_sends_no_schema(format_stub, tmp_path, flags, expected):
+    records, answers = make_records(2)
+    stub = format_stub(answers)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    assert annotate(*llm_args(stub, inp, out, *flags)) == 0
+    assert [f and f["type"] for f in stub.formats] == [expected, expected]
+    assert json.loads((tmp_path / "out.report.json").read_text())["response_format"] == expected
+
+
+@pytest.mark.parametrize("refuse", [
+    (400, "response_format json_schema is not supported"),  # vLLM-style 400
+    (422, "Unexpected fields in the request: {'response_format'}"),  # a strict FastAPI server
+    (500, 'response_format type must be one of "text" or "json_object", but got: json_schema'),  # ik_llama.cpp
+])
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_structured_auto_falls_back_once_for_the_rest_of_the_run(format_stub, tmp_path, capsys, refuse, json_mode):
+    records, answers = make_records(6)
+    stub = format_stub(answers, refuse=refuse)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    extra = ["--concurrency", "1"] + (["--json-mode"] if json_mode else [])
+    assert annotate(*llm_args(stub, inp, out, *extra)) == 0
+
+    plain = {"type": "json_object"} if json_mode else None
+    # One refused request, then the same record and every later one without the schema.
+    assert [f and f["type"] for f in stub.formats] == ["json_schema"] + [plain and "json_object"] * 6
+    lines = read_jsonl(out)
+    assert [line["cat_id"] for line in lines] == list(range(6))
+    assert all({k: v for o in line["important"] for k, v in o.items()} == answers[line["input"]] for line in lines)
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert (report["annotated"], report["empty"], report["rejected"], report["api_retries"]) == (6, 0, 0, 0)
+    assert report["requests"] == 7 and report["response_format"] == (plain and "json_object")
+    assert report["structured_fallback"].startswith(f"HTTP {refuse[0]}")
+    captured = capsys.readouterr()
+    assert captured.err.count("refuses response_format json_schema") == 1
+    assert "structured output: the endpoint refused response_format json_schema" in captured.out
+
+
+def test_structured_fallback_happens_once_with_concurrent_workers(format_stub, tmp_path):
+    records, answers = make_records(12)
+    stub = format_stub(answers, refuse=(400, "Unsupported response_format type: json_schema"))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    assert annotate(*llm_args(stub, inp, out, "--concurrency", "4")) == 0
+    refused = sum(1 for f in stub.formats if f)
+    assert 1 <= refused <= 4  # at most the requests already in flight when the first refusal came
+    # every record is then asked once without the schema; requests already built with it
+    # may still arrive after the first plain one, so the order is not checked
+    assert sum(1 for f in stub.formats if f is None) == 12
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert (report["annotated"], report["requests"]) == (12, 12 + refused)
+
+
+def test_structured_on_stops_the_run_when_the_schema_is_refused(format_stub, tmp_path, capsys):
+    records, answers = make_records(3)
+    stub = format_stub(answers, refuse=(400, "response_format json_schema is not supported"))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    code = cli.main(["annotate", *map(str, llm_args(stub, inp, out, "--structured", "on", "--concurrency", "1"))])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "cattune annotate: error: the endpoint refuses response_format json_schema (HTTP 400" in err
+    assert "--structured auto" in err and "Traceback" not in err
+    # The worker may take the next record before the writer thread stops the run.
+    assert read_jsonl(out) == [] and 1 <= len(stub.formats) <= 2
+
+
+def test_a_rejection_that_does_not_name_the_format_is_not_a_fallback(format_stub, tmp_path):
+    records, answers = make_records(2)
+    prompts = [r["input"] for r in records]
+    stub = format_stub(answers)
+    stub.script = {prompts[0]: ["400"]}  # "stub says 400": about the record, not the schema
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    assert annotate(*llm_args(stub, inp, out, "--concurrency", "1")) == 0
+    assert [f["type"] for f in stub.formats] == ["json_schema", "json_schema"]
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert (report["rejected"], report["structured_fallback"], report["response_format"]) == (1, None, "json_schema")

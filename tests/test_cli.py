@@ -45,13 +45,17 @@ def test_stg_train_eval(tmp_path):
     res = json.loads((out / "eval_results.json").read_text())
     assert set(res["results"]) == {str(small), str(tmp_path / "stg" / "ood_test.jsonl")}
     assert res["results"][str(small)]["n"] == 32
-    # Trained with --cat_layers -1: the report's ratio is the last layer's, and
-    # `cattune eval --layers=-1` measures the same thing (all layers by default).
-    r = cli("eval", "--model", str(out), "--data", str(small), "--layers=-1", "--out", str(tmp_path / "last.json"))
+    # Trained with --cat_layers -1: the saved cattune.json says so, and `cattune eval`
+    # measures the last layer's ratio by default, as the training report does;
+    # `--layers all` averages every layer instead.
+    info = json.loads((out / "cattune.json").read_text())
+    assert info["cat_layers"] == [-1] and info["chat_template"] is False and info["base_model"] is None
+    assert res["settings"]["layers"] == [-1]
+    assert res["results"][str(small)]["attention_ratio"] == pytest.approx(report["eval"]["attention_ratio"], rel=1e-5)
+    r = cli("eval", "--model", str(out), "--data", str(small), "--layers", "all", "--out", str(tmp_path / "all.json"))
     assert r.returncode == 0, r.stderr
-    last = json.loads((tmp_path / "last.json").read_text())["results"][str(small)]["attention_ratio"]
-    assert last == pytest.approx(report["eval"]["attention_ratio"], rel=1e-5)
-    assert last != pytest.approx(res["results"][str(small)]["attention_ratio"], rel=1e-5)
+    every = json.loads((tmp_path / "all.json").read_text())["results"][str(small)]["attention_ratio"]
+    assert every != pytest.approx(report["eval"]["attention_ratio"], rel=1e-5)
 
 
 def test_demo_tiny(tmp_path):

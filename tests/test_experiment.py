@@ -338,3 +338,20 @@ def test_parallel_failure_keeps_the_runs_that_finish(tmp_path):
     kept = lines(tmp_path / "out" / "results.jsonl")
     assert [(r["model"], r["arm"]) for r in kept] == [("tiny", "baseline")]
     assert any("broken__baseline__seed0 failed" in m for m in messages)
+
+
+def test_only_some_seeds_arms_and_tasks(tmp_path, capsys):
+    # One cell of a grid, as a user reproducing a committed figure would run it.
+    cfg_path = micro(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--only-seeds", "1", "--only-arms", "cat",
+                     "--only-tasks", "E"]) == 0
+    results = lines(out / "results.jsonl")
+    assert [(r["task"], r["arm"], r["seed"]) for r in results] == [("E", "cat", 1)]
+    assert "E" in (out / "summary.md").read_text()
+    # the rest of the grid is still planned for a plain run
+    cfg = load_config(cfg_path)
+    report = run_experiment(cfg, out=out, dry_run=True, log=lambda m: None)
+    assert len(report.skipped) == 1 and len(report.planned) == 12
+    assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--only-arms", "nope"]) == 1
+    assert "no arm ['nope'] in the config" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionProbe, resolve_layers, use_row_probe
 from .loss import attention_ratio, row_terms, visible_columns
-from .masks import DEFAULT_SPAN_COLUMNS, collate, encode_record
+from .masks import DEFAULT_SPAN_COLUMNS, collate, encode_record, render_prompt
 from .records import Record
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -113,15 +113,21 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 32, max_new_tokens: int = 16,
-                     progress: bool = True, desc: str = "generate") -> list[str]:
-    """Greedy decoding of each prompt's continuation, batched with left padding."""
+                     progress: bool = True, desc: str = "generate", chat_template: bool = False) -> list[str]:
+    """Greedy decoding of each prompt's continuation, batched with left padding.
+
+    With ``chat_template`` each prompt is the user turn of the tokenizer's chat template
+    and the answer the assistant's turn, rendered as in training (``render_prompt``).
+    """
+    prompts = [render_prompt(tokenizer, p, chat_template) for p in prompts]
     device = _device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outs: list[str] = []
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-            batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+            batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=not chat_template).to(device)
             gen = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -136,12 +142,13 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 32,
 @torch.no_grad()
 def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: int = 32,
                            span_columns: str = DEFAULT_SPAN_COLUMNS, max_length: int | None = None,
-                           layers: list[int] | None = None) -> float | None:
+                           layers: list[int] | None = None, chat_template: bool = False) -> float | None:
     """Mean over supervised rows of a1/a0 (attention on causal columns vs the rest).
 
     ``layers``: average only these layers' attention, as ``CATConfig.cat_layers`` does.
     """
-    encoded = [encode_record(tokenizer, r, max_length=max_length, span_columns=span_columns)
+    encoded = [encode_record(tokenizer, r, max_length=max_length, span_columns=span_columns,
+                             chat_template=chat_template)
                for r in records if r.important]
     encoded = [e for e in encoded if e.pairs]
     if not encoded:
@@ -167,12 +174,14 @@ def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: 
 
 def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = "exact", batch_size: int = 32,
              max_new_tokens: int | None = None, progress: bool = True, desc: str = "eval",
-             span_columns: str = DEFAULT_SPAN_COLUMNS, layers: list[int] | None = None) -> EvalResult:
+             span_columns: str = DEFAULT_SPAN_COLUMNS, layers: list[int] | None = None,
+             chat_template: bool = False) -> EvalResult:
     """Accuracy of greedy answers on ``records`` plus per-record predictions.
 
     ``max_new_tokens`` defaults to the longest target's token count + 4. The attention
     ratio is measured on annotated records with ``span_columns``, CATConfig's default
     and ``layers`` (pass the training settings to compare with the trainer's logged ratio).
+    ``chat_template``: prompts go through the tokenizer's chat template, as in training.
     """
     if not records:
         raise ValueError("nothing to evaluate: the record list is empty")
@@ -186,8 +195,9 @@ def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = 
     model.eval()
     try:
         answers = generate_answers(model, tokenizer, [r.prompt for r in records], batch_size, max_new_tokens,
-                                   progress=progress, desc=desc)
-        ratio = causal_attention_ratio(model, tokenizer, records, batch_size, span_columns=span_columns, layers=layers)
+                                   progress=progress, desc=desc, chat_template=chat_template)
+        ratio = causal_attention_ratio(model, tokenizer, records, batch_size, span_columns=span_columns, layers=layers,
+                                       chat_template=chat_template)
     finally:
         model.train(was_training)
     predictions = []

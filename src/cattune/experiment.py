@@ -582,7 +582,7 @@ def _build_model(model: ModelEntry, data: TaskData, seed: int):
         from .tiny import build
 
         return build(data.tokenizer_texts, seed=seed, **model.tiny)
-    from .commands.common import load_model
+    from .models import load_model
 
     m, tok = load_model(model.path, trust_remote_code=model.trust_remote_code)
     if model.lora is not None:
@@ -610,7 +610,8 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
         kw = {"disable_tqdm": not progress, **args,
               "output_dir": tmp, "seed": spec.seed, "save_strategy": "no", "report_to": []}
         targs = CATConfig(**kw)
-        trainer = CATTrainer(model=model, args=targs, train_dataset=train, processing_class=tok)
+        trainer = CATTrainer(model=model, args=targs, train_dataset=train, processing_class=tok,
+                             base_model=model_entry.path)
         # Without progress bars the Trainer prints every log line; they go to logs/RUN.json instead.
         from transformers.trainer_callback import PrinterCallback
 
@@ -629,7 +630,7 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
         res = evaluate(model, tok, records, checker=entry.task.checker_fn, batch_size=config.eval["batch_size"],
                        max_new_tokens=config.eval["max_new_tokens"], progress=progress,
                        desc=f"{spec.run_id} {name}", span_columns=trainer.args.cat_span_columns,
-                       layers=trainer.args.cat_layers)
+                       layers=trainer.args.cat_layers, chat_template=trainer.args.chat_template)
         tests[name] = {"accuracy": res.accuracy, "n": res.n, "correct": res.correct,
                        "attention_ratio": res.attention_ratio}
         predictions[name] = res.predictions
@@ -641,7 +642,8 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
         if records:
             path = plot_record(model, tok, records[0], out / "plots" / f"{spec.run_id}.png",
                                title=f"{spec.run_id}, {name} record 0", span_columns=trainer.args.cat_span_columns,
-                               record_index=0, layers=trainer.args.cat_layers)
+                               record_index=0, layers=trainer.args.cat_layers,
+                               chat_template=trainer.args.chat_template)
             attention_plot = str(path.relative_to(out))
     log_path = out / "logs" / f"{spec.run_id}.json"
     atomic_write_text(log_path, json.dumps({"run": dataclasses.asdict(spec), "encode": trainer.encode_stats,
@@ -696,21 +698,23 @@ def _init_worker(threads: int) -> None:
 
 def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = None, max_runs: int | None = None,
                    dry_run: bool = False, log: Callable[[str], None] | None = None,
-                   progress: bool = False, jobs: int = 1) -> ExperimentReport:
+                   progress: bool = False, jobs: int = 1,
+                   only: Callable[[RunSpec], bool] | None = None) -> ExperimentReport:
     """Run every planned run not yet in ``OUT/results.jsonl``; see the module docstring.
 
     ``jobs > 1`` trains that many runs at once, each in its own (spawned) process with
     ``config.threads`` torch threads, 1 if unset; results are appended as runs finish, in
     any order. If a run fails, no new run starts, the running ones finish and are kept,
     then the error is raised. A script that calls this with ``jobs > 1`` needs the usual
-    ``if __name__ == "__main__":`` guard of multiprocessing's spawn.
+    ``if __name__ == "__main__":`` guard of multiprocessing's spawn. ``only``: run only the
+    planned runs it accepts (:func:`select`); the summary still covers every finished run.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out) if out is not None else config.output
     results_path = out / RESULTS
-    runs = plan(config)
+    runs = [spec for spec in plan(config) if only is None or only(spec)]
     report = ExperimentReport(out=out, planned=runs)
     done, bad = read_results(results_path, repair=not dry_run)
     report.dropped_lines = bad
@@ -828,6 +832,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML/JSON file, or builtin:NAME for a shipped one")
     p.add_argument("--out", help="output directory (default: the config's 'output', relative to the current directory)")
     p.add_argument("--seeds", type=int, metavar="N", help="override the config's seeds with 0..N-1")
+    p.add_argument("--only-seeds", type=_int_list, metavar="S,S", help="run only these seeds, e.g. 0 or 0,3 "
+                   "(to reproduce one cell of a grid); the summary covers every finished run")
+    p.add_argument("--only-arms", type=_name_list, metavar="ARM,ARM", help=f"run only these arms ({', '.join(ARMS)})")
+    p.add_argument("--only-tasks", type=_name_list, metavar="LABEL,LABEL", help="run only these task labels")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's 'threads', else torch's)")
     p.add_argument("--max-runs", type=int, metavar="N", help="stop after N new runs (run again to continue)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -839,10 +847,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,3; got {text!r}") from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def select(config: ExperimentConfig, seeds: list[int] | None = None, arms: list[str] | None = None,
+           tasks: list[str] | None = None) -> Callable[[RunSpec], bool] | None:
+    """A filter on the planned runs: some seeds, arms and task labels (each must be in the
+    config). The config itself is unchanged, so summaries still cover every finished run."""
+    for what, chosen, have in (("seed", seeds, config.seeds), ("arm", arms, config.arms),
+                               ("task", tasks, [t.label for t in config.tasks])):
+        missing = [x for x in chosen or [] if x not in have]
+        if missing:
+            raise ConfigError(f"{config.path or config.name}: no {what} {missing} in the config (it has {have})")
+    if not (seeds or arms or tasks):
+        return None
+    return lambda spec: ((not seeds or spec.seed in seeds) and (not arms or spec.arm in arms)
+                         and (not tasks or spec.task in tasks))
+
+
 def run(args) -> int:
     config = load_config(args.config)
     if args.seeds is not None:
         config.seeds = _seeds(args.seeds, "--seeds")
+    only = select(config, args.only_seeds, args.only_arms, args.only_tasks)
     if args.threads:
         config.threads = args.threads
     out = Path(args.out) if args.out else config.output
@@ -855,7 +890,7 @@ def run(args) -> int:
         print(summary_markdown(rows, f"Experiment {config.name}", config.arms))
         return 0
     report = run_experiment(config, out=out, max_runs=args.max_runs, dry_run=args.dry_run, progress=args.progress,
-                            jobs=args.jobs)
+                            jobs=args.jobs, only=only)
     if args.dry_run:
         return 0
     if report.rows:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .commands.common import parse_layers
+from .models import layers_option
 from .masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from .records import Record, atomic_write_bytes
 
@@ -80,10 +80,12 @@ def _label(text: str) -> str:
 
 def explain_record(model, tokenizer, record: Record, use_prediction: bool = False, span_columns: str = DEFAULT_SPAN_COLUMNS,
                    max_new_tokens: int | None = None, record_index: int | None = None,
-                   layers: list[int] | None = None) -> Explanation:
+                   layers: list[int] | None = None, chat_template: bool = False) -> Explanation:
     """Attention of the rows producing ``record``'s answer over its prompt tokens.
 
     ``layers``: average only these layers (0 = first, -1 = last); default all of them.
+    ``chat_template``: the record as the model was trained on it, through the tokenizer's
+    chat template (the prompt tokens are then the rendered conversation's).
 
     The answer is the record's target (teacher forcing), or with ``use_prediction`` the
     model's own greedy answer (what it looked at when it answered, right or wrong).
@@ -92,7 +94,7 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
 
     from .attention import AttentionProbe, resolve_layers, use_row_probe
     from .evaluate import generate_answers
-    from .masks import encode_record
+    from .masks import encode_record, render_prompt
     from .trainer import prepare_tokenizer
 
     prepare_tokenizer(tokenizer)
@@ -103,7 +105,7 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
         if max_new_tokens is None:
             max_new_tokens = len(tokenizer(record.target, add_special_tokens=False)["input_ids"]) + 4
         prediction = generate_answers(model, tokenizer, [record.prompt], batch_size=1,
-                                      max_new_tokens=max_new_tokens, progress=False)[0]
+                                      max_new_tokens=max_new_tokens, progress=False, chat_template=chat_template)[0]
         answer, source = record.target, "target"
         if use_prediction and prediction:
             # generate_answers strips the decoded text; keep the separator the target had
@@ -111,8 +113,10 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
             answer, source = lead + prediction, "prediction"
         # Causal columns come from the record as annotated; the prompt's tokens are the
         # same whatever answer follows (prompt and answer are tokenized separately).
-        annotated = encode_record(tokenizer, record, span_columns=span_columns, add_eos=False)
-        shown = encode_record(tokenizer, Record(prompt=record.prompt, target=answer), add_eos=False)
+        annotated = encode_record(tokenizer, record, span_columns=span_columns, add_eos=False,
+                                  chat_template=chat_template)
+        shown = encode_record(tokenizer, Record(prompt=record.prompt, target=answer), add_eos=False,
+                              chat_template=chat_template)
         n_prompt = sum(1 for x in shown.labels if x == -100)
         rows = [j - 1 for j in range(1, len(shown.input_ids)) if shown.labels[j] != -100]
         if not rows:
@@ -126,14 +130,16 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
     finally:
         model.train(was_training)
 
-    enc = tokenizer(record.prompt, add_special_tokens=True, return_offsets_mapping=True)
+    prompt_text = render_prompt(tokenizer, record.prompt, chat_template)
+    enc = tokenizer(prompt_text, add_special_tokens=not chat_template, return_offsets_mapping=True)
     prompt_ids = list(enc["input_ids"])
     if prompt_ids != shown.input_ids[:n_prompt]:  # pragma: no cover - guards a tokenizer surprise
         raise RuntimeError("prompt tokens differ between encodings")
+    special_ids = set(tokenizer.all_special_ids)
     labels, special = [], []
     for i, (tid, (s, e)) in enumerate(zip(prompt_ids, enc["offset_mapping"])):
-        if e > s:
-            labels.append(_label(record.prompt[s:e]))
+        if e > s and tid not in special_ids:
+            labels.append(_label(prompt_text[s:e]))
         else:
             labels.append(tokenizer.convert_ids_to_tokens(tid))
             special.append(i)
@@ -233,11 +239,11 @@ def plot_explanation(expl: Explanation, out_png: str | os.PathLike, title: str |
 
 def plot_record(model, tokenizer, record: Record, out_png: str | os.PathLike, title: str,
                 span_columns: str = DEFAULT_SPAN_COLUMNS, record_index: int | None = None,
-                layers: list[int] | None = None) -> Path:
+                layers: list[int] | None = None, chat_template: bool = False) -> Path:
     """:func:`explain_record` then :func:`plot_explanation`, the title followed by the
     target and the model's answer: the heatmap the demo and the experiment runner embed."""
     expl = explain_record(model, tokenizer, record, span_columns=span_columns, record_index=record_index,
-                          layers=layers)
+                          layers=layers, chat_template=chat_template)
     return plot_explanation(expl, out_png, title=f"{title}: target {expl.target.strip()!r}, "
                                                  f"answer {expl.prediction!r}")
 
@@ -344,11 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     heat.add_argument("--record", type=int, default=0, help="0-based index of the record (default: 0)")
     heat.add_argument("--use-prediction", action="store_true",
                       help="rows producing the model's own greedy answer instead of the target")
-    heat.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
-                      help="value tokens marked causal, as in training (default: %(default)s)")
-    heat.add_argument("--layers", type=parse_layers, default=None,
+    heat.add_argument("--span-columns", choices=SPAN_COLUMNS, default=None,
+                      help="value tokens marked causal; default: as the model was trained (its cattune.json), "
+                      f"else {DEFAULT_SPAN_COLUMNS}")
+    heat.add_argument("--layers", type=layers_option, default=None,
                       help="average only these layers, comma-separated (0 = first, -1 = last; write a list as "
-                      "--layers=-2,-1); default: all")
+                      "--layers=-2,-1) or 'all'; default: the layers the model was trained on (cattune.json), else all")
+    heat.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                      help="render the record through the tokenizer's chat template; default: as the model "
+                      "was trained (cattune.json), else off")
     heat.add_argument("--show-special", action="store_true", help="also show BOS and other special tokens")
     heat.add_argument("--json", metavar="FILE", help="also write the numbers (tokens, weights, columns) as JSON")
     heat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")
@@ -372,11 +382,14 @@ def run(args) -> int:
     records = load_data(args.data)
     if not 0 <= args.record < len(records):
         raise ValueError(f"--record {args.record} is out of range: {args.data} has {len(records)} records")
-    from .commands.common import load_model
+    from .models import load_model, training_settings
 
+    settings = training_settings(args.model, chat_template=args.chat_template, span_columns=args.span_columns,
+                                 layers=args.layers)
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     expl = explain_record(model, tok, records[args.record], use_prediction=args.use_prediction,
-                          span_columns=args.span_columns, record_index=args.record, layers=args.layers)
+                          span_columns=settings["span_columns"], record_index=args.record, layers=settings["layers"],
+                          chat_template=settings["chat_template"])
     path = plot_explanation(expl, args.out, show_special=args.show_special)
     if args.json:
         from .records import atomic_write_text

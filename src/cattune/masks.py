@@ -151,23 +151,68 @@ def _tokenize(tokenizer, text: str, add_special_tokens: bool):
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def encode_record(
-    tokenizer,
-    record: Record,
-    max_length: int | None = None,
-    span_columns: str = "all",
-    add_eos: bool = True,
-) -> EncodedRecord:
-    """Tokenize ``prompt + target (+ eos)`` and place the record's causal annotation.
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template is missing or cannot carry a record."""
 
-    Prompt and target are tokenized separately and concatenated, so the prompt's tokens
-    are exactly those the model sees at generation time. Records longer than
-    ``max_length`` lose prompt tokens from the left (the answer is kept); annotations cut
-    off that way land in ``unaligned``. Nothing here raises on an annotation that
-    cannot be placed: every such pair is reported in ``unaligned`` with the reason.
-    """
-    if span_columns not in SPAN_COLUMNS:
-        raise ValueError(f"span_columns must be one of {SPAN_COLUMNS}, got {span_columns!r}")
+
+def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"chat_template is on, but the tokenizer ({type(tokenizer).__name__}, "
+                                f"{getattr(tokenizer, 'name_or_path', '?')!r}) has no chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(tokenizer, prompt: str, chat_template: bool = False) -> str:
+    """The text a model is given to answer ``prompt``: the prompt itself, or with
+    ``chat_template`` the user turn and the assistant's header (``add_generation_prompt``).
+    Tokenize it with ``add_special_tokens=not chat_template``, as ``encode_record`` does."""
+    if not chat_template:
+        return prompt
+    return _chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(tok, "special", False))
+    return ids
+
+
+def _find_verbatim(haystack: str, text: str) -> tuple[int, int] | None:
+    """Where ``text`` stands in ``haystack`` (a template may trim it); None if rewritten."""
+    for needle in (text, text.strip()):
+        at = haystack.find(needle) if needle else -1
+        if at != -1:
+            return at, at + len(needle)
+    return None
+
+
+@dataclass
+class _Layout:
+    text: str  # the characters the offsets point into
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    labels: list[int]
+    n_prompt: int  # tokens before the answer
+    # Annotations are found in the record's own text (prompt + target); these pieces map
+    # its characters [lo, hi) to text[lo + delta, hi + delta). One piece without a template.
+    pieces: list[tuple[int, int, int]]
+
+    def place(self, span: tuple[int, int], is_key: bool) -> tuple[int, int] | None:
+        """A span of the record's text in ``text``; None where the template lost it.
+
+        A span that runs from the prompt into the answer ("Answer: 32") is split by the
+        template's turn markers: a key keeps its answer part (what the model produces), a
+        value its prompt part (what the model reads).
+        """
+        s, e = span
+        parts = [(max(s, lo) + d, min(e, hi) + d) for lo, hi, d in self.pieces if max(s, lo) < min(e, hi)]
+        if not parts:
+            return None
+        return parts[-1] if is_key else parts[0]
+
+
+def _plain_layout(tokenizer, record: Record, add_eos: bool) -> _Layout:
+    # Prompt and target tokenized apart, so the prompt's tokens are those of generation.
     p_ids, p_off = _tokenize(tokenizer, record.prompt, add_special_tokens=True)
     t_ids, t_off = _tokenize(tokenizer, record.target, add_special_tokens=False)
     shift = len(record.prompt)
@@ -178,19 +223,91 @@ def encode_record(
         ids.append(tokenizer.eos_token_id)
         offsets.append((0, 0))
         labels.append(tokenizer.eos_token_id)
+    return _Layout(record.text, ids, offsets, labels, len(p_ids), [(0, len(record.text), 0)])
+
+
+def _chat_layout(tokenizer, record: Record) -> _Layout:
+    # The rendered conversation is one text; its prompt part is exactly what generation
+    # renders (add_generation_prompt), and the answer is the rest up to the end of turn.
+    prompt = render_prompt(tokenizer, record.prompt, chat_template=True)
+    full = _chat(tokenizer, [{"role": "user", "content": record.prompt},
+                             {"role": "assistant", "content": record.target}], add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ChatTemplateError("the chat template renders the user turn differently once an assistant turn "
+                                "follows, so the training prompt would not be the generation prompt")
+    answer = full[len(prompt):]
+    target = _find_verbatim(answer, record.target)
+    if target is None:
+        raise ChatTemplateError(f"the chat template rewrote the answer {record.target!r}: it is not in {answer!r}")
+    user = _find_verbatim(prompt, record.prompt)
+    p_ids, p_off = _tokenize(tokenizer, prompt, add_special_tokens=False)
+    a_ids, a_off = _tokenize(tokenizer, answer, add_special_tokens=False)
+    shift = len(prompt)
+    target_end = shift + target[1]
+    # The loss covers the assistant turn through its end-of-turn token; what the template
+    # puts after it (a newline) is neither trained nor kept.
+    special = _special_ids(tokenizer)
+    end = next((i + 1 for i, (t, (s, _)) in enumerate(zip(a_ids, a_off)) if s + shift >= target_end and t in special),
+               len(a_ids))
+    ids = p_ids + a_ids[:end]
+    offsets = p_off + [(s + shift, e + shift) if e > s else (0, 0) for s, e in a_off[:end]]
+    labels = [-100] * len(p_ids) + list(a_ids[:end])
+    n = len(record.prompt)
+    pieces = [_piece(record.target, answer, target, n, shift)]
+    if user is not None:  # else the template rewrote the prompt: none of its annotations can be placed
+        pieces.insert(0, _piece(record.prompt, prompt, user, 0, 0))
+    return _Layout(full, ids, offsets, labels, len(p_ids), pieces)
+
+
+def _piece(original: str, rendered: str, found: tuple[int, int], start: int, shift: int) -> tuple[int, int, int]:
+    """The piece of the record's text (``original`` starts at ``start``) that stands at
+    ``found`` in ``rendered`` (which starts at ``shift``), maybe without its edge spaces."""
+    lead = len(original) - len(original.lstrip()) if found[1] - found[0] < len(original) else 0
+    lo = start + lead
+    return lo, lo + found[1] - found[0], shift + found[0] - lo
+
+
+def encode_record(
+    tokenizer,
+    record: Record,
+    max_length: int | None = None,
+    span_columns: str = "all",
+    add_eos: bool = True,
+    chat_template: bool = False,
+) -> EncodedRecord:
+    """Tokenize ``prompt + target (+ eos)`` and place the record's causal annotation.
+
+    Prompt and target are tokenized separately and concatenated, so the prompt's tokens
+    are exactly those the model sees at generation time. With ``chat_template`` the
+    prompt is the user turn and the target the assistant turn of the tokenizer's chat
+    template; the labels cover the assistant turn and its end-of-turn token, and
+    annotations are looked up in the rendered user and assistant texts only (not in a
+    system prompt the template adds). Records longer than ``max_length`` lose prompt
+    tokens from the left (the answer is kept); annotations cut off that way land in
+    ``unaligned``. Nothing here raises on an annotation that cannot be placed: every
+    such pair is reported in ``unaligned`` with the reason.
+    """
+    if span_columns not in SPAN_COLUMNS:
+        raise ValueError(f"span_columns must be one of {SPAN_COLUMNS}, got {span_columns!r}")
+    if chat_template:
+        layout = _chat_layout(tokenizer, record)
+    else:
+        layout = _plain_layout(tokenizer, record, add_eos)
+    ids, offsets, labels = layout.ids, layout.offsets, layout.labels
+    n_prompt = layout.n_prompt
 
     # Left truncation: keep leading special tokens (BOS) and the answer.
     truncated = False
     cut = 0  # tokens removed; positions >= keep_prefix shift left by `cut`
     keep_prefix = 0
-    while keep_prefix < len(p_off) and p_off[keep_prefix] == (0, 0):
+    while keep_prefix < n_prompt and offsets[keep_prefix] == (0, 0):
         keep_prefix += 1
     kept_lo, kept_hi = 0, 1 << 62  # characters still covered by kept tokens
     if max_length is not None and len(ids) > max_length:
         truncated = True
         cut = len(ids) - max_length
-        if cut > len(p_ids) - keep_prefix:  # even the whole prompt is not enough
-            cut = len(p_ids) - keep_prefix
+        if cut > n_prompt - keep_prefix:  # even the whole prompt is not enough
+            cut = n_prompt - keep_prefix
         kept_lo = max((e for _, e in offsets[keep_prefix : keep_prefix + cut]), default=0)
         ids = ids[:keep_prefix] + ids[keep_prefix + cut :]
         labels = labels[:keep_prefix] + labels[keep_prefix + cut :]
@@ -199,17 +316,16 @@ def encode_record(
             kept_hi = min((s for s, e in offsets[max_length:] if e > s), default=kept_hi)
             ids, labels, offsets = ids[:max_length], labels[:max_length], offsets[:max_length]
 
-    text = record.text
+    text = layout.text
     full = _Offsets(offsets, kept=(kept_lo, kept_hi))
     pairs: set[tuple[int, int]] = set()
     unaligned: list[tuple[str, str, str]] = []
     n_pairs = 0
     for key, values in record.important:
-        key_chars = find_occurrences(text, key)
-        key_spans = [full.span(s, e) for s, e in key_chars]
+        key_chars = find_occurrences(record.text, key)
         for value in values:
             n_pairs += 1
-            value_chars = find_occurrences(text, value)
+            value_chars = find_occurrences(record.text, value)
             if not key_chars or not value_chars:
                 missing = "key" if not key_chars else "value"
                 unaligned.append((key, value, f"{missing} not found in text"))
@@ -219,10 +335,13 @@ def encode_record(
                 unaligned.append((key, value, "value not before key"))
                 continue
             placed = False
-            cut_off = uncovered = False
+            cut_off = uncovered = lost = False
             for kc, vc in ordered:
-                ktok = key_spans[key_chars.index(kc)]
-                vtok = full.span(*vc)
+                kc, vc = layout.place(kc, is_key=True), layout.place(vc, is_key=False)
+                if kc is None or vc is None:
+                    lost = True
+                    continue
+                ktok, vtok = full.span(*kc), full.span(*vc)
                 if ktok is None or vtok is None:
                     if full.is_cut(*kc) or full.is_cut(*vc):
                         cut_off = True
@@ -239,6 +358,8 @@ def encode_record(
             if not placed:
                 if cut_off:
                     reason = "cut by max_length"
+                elif lost:
+                    reason = "not in the chat template's rendering (the template rewrote the prompt)"
                 elif uncovered:
                     reason = "no token covers the text"
                 else:

@@ -64,6 +64,11 @@ class CATConfig(TrainingArguments):
 
         max_length (`int`, *optional*, defaults to `256`):
             Longer records lose prompt tokens from the left; the count is logged.
+        chat_template (`bool`, *optional*, defaults to `False`):
+            Train through the tokenizer's chat template: a record's input is the user turn,
+            its target the assistant turn; the loss covers the assistant turn and its
+            end-of-turn token. Use it for instruct models; evaluation renders prompts the
+            same way. Saved models record it (`cattune.json`), so `cattune eval` follows.
     """
 
     output_dir: str | None = field(
@@ -89,6 +94,11 @@ class CATConfig(TrainingArguments):
         metadata={"help": "Layers whose attention the loss averages (0 = first, -1 = last); default all, as in the paper."},
     )
     max_length: int = field(default=256, metadata={"help": "Maximum tokens per record (prompt cut from the left)."})
+    chat_template: bool = field(
+        default=False,
+        metadata={"help": "Render each record through the tokenizer's chat template (input = user turn, "
+                  "target = assistant turn); for instruct models."},
+    )
     report_to: None | str | list[str] = field(
         default="auto",
         metadata={"help": "Where logs go: 'auto' = TensorBoard when installed, else none; or any "
@@ -152,14 +162,22 @@ class EncodedDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def encode_dataset(tokenizer, records: list[Record], max_length: int, span_columns: str) -> tuple[EncodedDataset, dict]:
-    items = [encode_record(tokenizer, r, max_length=max_length, span_columns=span_columns) for r in records]
+def encode_dataset(tokenizer, records: list[Record], max_length: int, span_columns: str,
+                   chat_template: bool = False) -> tuple[EncodedDataset, dict]:
+    items = [encode_record(tokenizer, r, max_length=max_length, span_columns=span_columns, chat_template=chat_template)
+             for r in records]
+    reasons: dict[str, int] = defaultdict(int)
+    for e in items:
+        for *_, reason in e.unaligned:
+            reasons[reason] += 1
     stats = {
         "records": len(items),
         "truncated": sum(e.truncated for e in items),
         "annotated_pairs": sum(e.n_pairs for e in items),
         "unaligned_pairs": sum(len(e.unaligned) for e in items),
+        "unaligned_reasons": dict(reasons),
         "supervised_rows": sum(len(e.rows) for e in items),
+        "records_with_supervised_rows": sum(bool(e.pairs) for e in items),
     }
     return EncodedDataset(items), stats
 
@@ -194,11 +212,12 @@ class CATTrainer(Trainer):
 
     ``train_dataset``/``eval_dataset``: lists of `Record` or `datasets.Dataset`s with
     ``input``/``target``/``important`` columns; they are tokenized here with
-    ``processing_class`` (the tokenizer).
+    ``processing_class`` (the tokenizer). ``base_model``: the reference the model was
+    loaded from, recorded with every saved model (``cattune.json``).
     """
 
     def __init__(self, model=None, args: CATConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, **kwargs):
+                 processing_class=None, base_model: str | None = None, **kwargs):
         if args is None:
             args = CATConfig(output_dir="cattune_out")
         if not isinstance(args, CATConfig):
@@ -211,6 +230,9 @@ class CATTrainer(Trainer):
                 "one batch per process. Launch with torchrun or accelerate launch (DDP), see docs/distributed.md"
             )
         tokenizer = prepare_tokenizer(processing_class)
+        # The model reference (e.g. builtin:smollm2-135m-instruct) saved in cattune.json,
+        # so that a LoRA adapter finds its base model on another machine.
+        self.base_model = base_model
         self.encode_stats: dict[str, dict] = {}
         train_records = to_records(train_dataset)
         if train_dataset is not None and not train_records:
@@ -234,8 +256,15 @@ class CATTrainer(Trainer):
             self._cat_step_rows = None
 
     def _encode(self, name, tokenizer, records, args):
-        data, stats = encode_dataset(tokenizer, records, args.max_length, args.cat_span_columns)
+        data, stats = encode_dataset(tokenizer, records, args.max_length, args.cat_span_columns, args.chat_template)
         self.encode_stats[name] = stats
+        kept = stats["records_with_supervised_rows"]
+        if name == "train" and args.cat_gamma > 0 and kept * 2 < stats["records"]:
+            # The Re-Attention loss only acts on records with a supervised row: with few of
+            # them CAT quietly becomes plain fine-tuning.
+            logger.warning("%s: only %d of %d records keep a supervised row (unaligned pairs by reason: %s); the "
+                           "Re-Attention loss acts on those alone", name, kept, stats["records"],
+                           stats["unaligned_reasons"] or "no annotations")
         if stats["truncated"]:
             logger.warning("%s: %d of %d records longer than max_length=%d were truncated (prompt cut from the left)",
                            name, stats["truncated"], stats["records"], args.max_length)
@@ -330,6 +359,13 @@ class CATTrainer(Trainer):
         for k, pair in values.items():
             self._cat_metrics[k].append(pair)
         return (total, outputs) if return_outputs else total
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            from .models import write_training_info
+
+            write_training_info(output_dir or self.args.output_dir, self.args, base_model=self.base_model)
 
     LOGGED = ("attn_ratio", "gamma", "loss_attn", "loss_ce")
 

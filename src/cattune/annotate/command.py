@@ -31,6 +31,7 @@ from typing import Any, Callable
 from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from ..records import Annotation, Record, RecordError, atomic_write_text, dumps_record
 from .llm import (
+    STRUCTURED_MODES,
     EndpointError,
     LLMAnnotator,
     Outcome,
@@ -340,7 +341,8 @@ def annotate_file(
 
     ``annotate`` maps a record to an ``Outcome`` (``LLMAnnotator`` does; it may raise
     ``RequestFailed``: the record is left out and counted as failed, or ``EndpointError``:
-    the run stops). Resumes from what ``output_path`` already holds unless ``overwrite``.
+    the run stops); the dict of its ``report_fields()`` method, if it has one, joins the
+    report. Resumes from what ``output_path`` already holds unless ``overwrite``.
     The input is read and checked in full before the output is touched. Setting
     ``stop`` (default: the annotator's ``stop`` event) from another thread ends the run
     early; what is written stays valid for a resume.
@@ -400,6 +402,9 @@ def annotate_file(
                 "elapsed_s": round(time.monotonic() - started, 3),
                 "report": str(report_path),
             }
+            # What the annotator settled on during the run (e.g. the response_format it fell back to).
+            if callable(report_fields := getattr(annotate, "report_fields", None)):
+                report.update(report_fields())
             atomic_write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
@@ -582,8 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="nucleus sampling top_p; 'none' sends none (default: %(default)s, as the paper's release)")
     llm.add_argument("--max-tokens", metavar="N", type=int, default=1024,
                      help="reply length limit (max_tokens); 0 sends none (default: %(default)s)")
-    llm.add_argument("--json-mode", action="store_true", help="ask for response_format json_object "
-                     "(OpenAI, vLLM and Ollama support it; default: off)")
+    llm.add_argument("--structured", choices=STRUCTURED_MODES, default="auto",
+                     help="ask for replies matching a JSON schema of the annotation (response_format json_schema): "
+                     "'auto' sends it and, if the endpoint refuses it, drops it for the rest of the run; 'on' stops "
+                     "the run on a refusal; 'off' never sends it. Replies are parsed the same way in every mode, "
+                     "as some servers accept the field and ignore it (default: %(default)s)")
+    llm.add_argument("--json-mode", action="store_true", help="ask for response_format json_object whenever "
+                     "json_schema is not sent (--structured off, or after an 'auto' fallback); OpenAI, vLLM and "
+                     "Ollama support it (default: off)")
     llm.add_argument("--timeout", metavar="SECONDS", type=float, default=120.0, help="seconds before a request counts as timed out "
                      "and is retried (default: %(default)s)")
     llm.add_argument("--concurrency", metavar="N", type=int, default=4, help="requests in flight at once (default: %(default)s)")
@@ -638,6 +649,7 @@ def _settings(args) -> dict[str, Any]:
         "top_p": args.top_p,
         "max_tokens": args.max_tokens or None,
         "json_mode": args.json_mode,
+        "structured": args.structured,
     }
 
 
@@ -649,12 +661,22 @@ def _summary(report: dict[str, Any]) -> str:
         f"{report['failed']} failed; {report['already_done']} were already done",
         f"dropped spans: {dropped['total']}" + (f" ({reasons})" if reasons else ""),
     ]
+    if report.get("structured_fallback"):
+        sent = report.get("response_format") or "none"
+        lines.append(f"structured output: the endpoint refused response_format json_schema "
+                     f"({report['structured_fallback']}); sent {sent} instead")
     if report["tokens"]:
         t = report["tokens"]
         lines.append(f"tokens: {t['prompt']} prompt + {t['completion']} completion = {t['total']}")
     lines.append(f"output: {report['output']} ({report['output_records']} of {report['records']} records)")
     lines.append(f"report: {report['report']}")
     return "\n".join(lines)
+
+
+def _note(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)  # above the progress bar, not through it
 
 
 def run(args) -> int:
@@ -685,8 +707,9 @@ def run(args) -> int:
         annotate = LLMAnnotator(
             client, args.model, demos, instructions,
             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens or None,
-            json_mode=args.json_mode, reply_retries=args.reply_retries, max_retries=args.max_retries,
-            backoff_base=args.backoff_base, backoff_max=args.backoff_max,
+            json_mode=args.json_mode, structured=args.structured, reply_retries=args.reply_retries,
+            max_retries=args.max_retries, backoff_base=args.backoff_base, backoff_max=args.backoff_max,
+            log=_note,
         )
         concurrency = args.concurrency
         if args.show_prompt:

@@ -14,6 +14,13 @@ official ``openai`` client. Its built-in retries are switched off (``max_retries
 ``LLMAnnotator`` retries on its own so that every retry is counted in the report, the
 backoff base can be made tiny in tests, a 429 pauses every worker thread and not just
 the one that saw it, and a stop request interrupts a backoff sleep.
+
+Structured output: by default (``structured="auto"``) every request also carries
+``response_format`` of type ``json_schema`` describing ``{KEY: [VALUE, ...]}``, so servers
+that constrain decoding to a schema (vLLM, llama.cpp) can only answer in that shape. A
+server that refuses the field gets the plain request instead, for the rest of the run;
+the reply is parsed the same way either way, as servers may also accept the field and
+ignore it (``transformers serve`` does).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..masks import find_occurrences
 from ..records import Annotation, Record, RecordError, iter_records
@@ -50,6 +57,29 @@ _WRAPPERS = ("important", "annotation", "annotations")
 
 # Endpoint answers that no retry can fix: a wrong key, model or URL. The run stops.
 _FATAL_STATUS = (401, 403, 404)
+
+STRUCTURED_MODES = ("auto", "on", "off")
+
+# The reply the prompt asks for. KEYs are free text, so the schema cannot be an OpenAI
+# "strict" one (strict needs fixed, required properties and additionalProperties false);
+# it is sent with strict false, which OpenAI treats as guidance, while servers that
+# compile the schema into a grammar (vLLM, llama.cpp) enforce it regardless.
+ANNOTATION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+}
+JSON_SCHEMA_FORMAT: dict[str, Any] = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "cat_annotation",
+        "description": "For each KEY span of input + target, the earlier VALUE spans it depends on.",
+        "schema": ANNOTATION_SCHEMA,
+        "strict": False,
+    },
+}
+# How servers word a refusal of the field: "Unsupported response_format", "json_schema
+# is not supported", "structured outputs are not available for this model", ...
+_FORMAT_REFUSAL = re.compile(r"response[_ ]?format|json[_ ]?schema|structured[_ ]output", re.I)
 
 
 # --------------------------------------------------------------------------- files
@@ -350,6 +380,15 @@ def _describe(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err)[:120]}"
 
 
+def _refuses_response_format(err: Exception) -> bool:
+    """Whether an error answer names the response_format field or json_schema."""
+    text = getattr(err, "message", "") or ""
+    body = getattr(err, "body", None)
+    if body is not None:
+        text += " " + (body if isinstance(body, str) else json.dumps(body, default=str))
+    return bool(_FORMAT_REFUSAL.search(text))
+
+
 def _retry_after(err: Exception) -> float | None:
     response = getattr(err, "response", None)
     value = response.headers.get("retry-after") if response is not None else None
@@ -401,6 +440,12 @@ class LLMAnnotator:
     408/409, timeout, connection error), waiting ``backoff_base * 2**n`` seconds (with
     jitter, at most ``backoff_max``, at least the server's Retry-After). ``reply_retries``:
     how often a record is asked again when the reply is unparseable or has no valid pair.
+
+    ``structured``: ``"auto"`` sends ``response_format`` json_schema until the endpoint
+    refuses it (an error answer naming response_format or json_schema), then drops it for
+    the rest of the run; ``"on"`` stops the run on such a refusal (``EndpointError``);
+    ``"off"`` never sends it. ``json_mode`` asks for ``json_object`` whenever json_schema
+    is not sent. ``log`` receives a one-line note when the fallback happens.
     """
 
     def __init__(
@@ -414,16 +459,20 @@ class LLMAnnotator:
         top_p: float | None = 0.7,
         max_tokens: int | None = 1024,
         json_mode: bool = False,
+        structured: str = "auto",
         reply_retries: int = 2,
         max_retries: int = 6,
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
         stop: threading.Event | None = None,
+        log: Callable[[str], None] | None = None,
     ):
         if reply_retries < 0 or max_retries < 0:
             raise ValueError("retry counts must be >= 0")
         if backoff_base < 0 or backoff_max < 0:
             raise ValueError("backoff times must be >= 0")
+        if structured not in STRUCTURED_MODES:
+            raise ValueError(f"structured must be one of {', '.join(STRUCTURED_MODES)}, got {structured!r}")
         self.client = client
         self.model = model
         self.demos = demos
@@ -441,8 +490,35 @@ class LLMAnnotator:
             self._params["top_p"] = top_p
         if max_tokens is not None:
             self._params["max_tokens"] = max_tokens
-        if json_mode:
-            self._params["response_format"] = {"type": "json_object"}
+        self.structured = structured
+        self.log = log
+        self._plain_format = {"type": "json_object"} if json_mode else None
+        self._send_schema = structured != "off"
+        self._format_lock = threading.Lock()
+        self.structured_fallback: str | None = None  # why json_schema was dropped, if it was
+
+    def response_format(self) -> dict[str, Any] | None:
+        """What the next request sends as ``response_format`` (None: the field is left out)."""
+        return JSON_SCHEMA_FORMAT if self._send_schema else self._plain_format
+
+    def report_fields(self) -> dict[str, Any]:
+        """For the run's report: the response_format sent at the end and any fallback."""
+        sent = self.response_format()
+        return {"response_format": sent["type"] if sent else None, "structured_fallback": self.structured_fallback}
+
+    def _drop_schema(self, reason: str) -> None:
+        if self.structured == "on":
+            raise EndpointError(f"the endpoint refuses response_format json_schema ({reason}); "
+                                "use --structured auto to fall back to plain-text replies, or --structured off") from None
+        with self._format_lock:
+            if not self._send_schema:
+                return  # another worker saw the same refusal first
+            self._send_schema = False
+            self.structured_fallback = reason
+        if self.log:
+            plain = "response_format json_object" if self._plain_format else "plain-text replies"
+            self.log(f"note: the endpoint refuses response_format json_schema ({reason}); "
+                     f"using {plain} for the rest of the run")
 
     def messages(self, record: Record) -> list[dict[str, str]]:
         return build_messages(record, self.demos, self.instructions)
@@ -491,17 +567,27 @@ class LLMAnnotator:
     def _request(self, messages: list[dict[str, str]], outcome: Outcome) -> str | None:
         import openai
 
-        for attempt in range(self.max_retries + 1):
+        attempt = 0  # transient errors so far; a refused response_format is not one
+        while True:
             self._pause.wait(self.stop)
             if self.stop.is_set():
                 raise Stopped()
             outcome.requests += 1
+            params = dict(self._params)
+            if (response_format := self.response_format()) is not None:
+                params["response_format"] = response_format
             try:
-                response = self.client.chat.completions.create(model=self.model, messages=messages, **self._params)
+                response = self.client.chat.completions.create(model=self.model, messages=messages, **params)
             except openai.APIStatusError as e:
                 status = e.status_code
                 if status in _FATAL_STATUS:
                     raise EndpointError(f"the endpoint answered {_describe(e)}; check --base-url, --model and the API key") from None
+                # Some servers answer an unknown response_format type with a 500; naming the
+                # field makes it a refusal, not a transient error worth backing off for.
+                if (status not in (408, 409, 429) and response_format is JSON_SCHEMA_FORMAT
+                        and _refuses_response_format(e)):
+                    self._drop_schema(_describe(e))
+                    continue  # the same request at once, without the schema
                 if not (status in (408, 409, 429) or status >= 500):
                     raise _Rejected(_describe(e)) from None
                 error = e
@@ -523,4 +609,4 @@ class LLMAnnotator:
                 self._pause.push(delay)
             elif self.stop.wait(delay):
                 raise Stopped()
-        raise AssertionError("unreachable")
+            attempt += 1

