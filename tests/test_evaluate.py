@@ -17,6 +17,12 @@ def test_checkers_on_real_formats():
     assert not check_gsm8k("#### 71", "#### 72")
     assert check_mc("(B)", "B") and check_mc("Answer: C", "C") and check_mc("D) 12 apples", "D")
     assert not check_mc("B", "C") and not check_mc("no idea", "A")
+    # integer answers match exactly, at any scale (GSM8K, MAWPS)
+    assert not check_gsm8k("#### 10001", "#### 10000") and not check_numeric("106492.0", "106491.0")
+    assert check_numeric("106491", "106491.0") and check_numeric("2.5", "2.50") and not check_numeric("2.51", "2.5")
+    # ARC questions whose choices are labelled 1-4
+    assert check_mc("2", "2") and check_mc("(3)", "3") and check_mc("Answer: 4", "4")
+    assert not check_mc("2", "3") and not check_mc("12 apples", "1")
 
 
 def test_evaluate_a_handful_of_records(tmp_path):

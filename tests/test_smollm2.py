@@ -220,6 +220,7 @@ def test_cat_steps_change_weights_and_raise_the_ratio(smollm2, stg_e_released, t
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = CATConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=5e-4 if lora else 3e-5,
                      cat_alpha=1e6, cat_gamma=1.0, cat_gamma_decay=0.0, cat_layers=[-1], chat_template=True,
+                     answer_logits_only=True,
                      logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
     # the same two records every step: the ratio they reach is the loss's doing
     trainer = CATTrainer(model=model, args=args, train_dataset=stg_e_released["train_M"][:2], processing_class=tok)

@@ -200,6 +200,9 @@ def test_bad_input(data, tmp_path):
         CATTrainer(model=model, args=config(tmp_path), train_dataset=[], processing_class=tok)
     with pytest.raises(ValueError, match="cat_loss"):
         config(tmp_path, cat_loss="nope")
+    for name in ("cat_alpha", "cat_gamma", "cat_gamma_decay"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            config(tmp_path, **{name: float("nan")})
     # too long: truncated and counted, never a crash
     trainer = CATTrainer(model=model, args=config(tmp_path, max_length=30, max_steps=2),
                          train_dataset=data["train_S"][:16], processing_class=tok)
@@ -222,3 +225,22 @@ def test_datasets_input(data, tmp_path):
     trainer = CATTrainer(model=model, args=config(tmp_path, max_steps=2), train_dataset=ds, processing_class=tok)
     assert trainer.encode_stats["train"]["supervised_rows"] > 0
     trainer.train()
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_answer_logits_only_trains_the_same_model(data, tmp_path, ga):
+    """The LM head on answer positions only: the same losses and parameters, with and
+    without gradient accumulation."""
+    records = data["train_S"][:16]
+    runs = []
+    for only in (False, True):
+        model, tok = make(data)
+        args = config(tmp_path, cat_gamma=1.0, max_steps=3, logging_steps=1, per_device_train_batch_size=8 // ga,
+                      gradient_accumulation_steps=ga, answer_logits_only=only)
+        trainer = CATTrainer(model=model, args=args, train_dataset=records, processing_class=tok)
+        trainer.train()
+        runs.append((series(trainer, "loss"), series(trainer, "loss_ce"),
+                     torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (loss_a, ce_a, params_a), (loss_b, ce_b, params_b) = runs
+    assert len(loss_a) == 3 and loss_a == pytest.approx(loss_b, rel=1e-5) and ce_a == pytest.approx(ce_b, rel=1e-5)
+    assert torch.allclose(params_a, params_b, atol=1e-6), (params_a - params_b).abs().max()

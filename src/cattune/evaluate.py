@@ -45,11 +45,15 @@ def check_exact(prediction: str, target: str) -> bool:
     return prediction.strip() == target.strip()
 
 
-def check_numeric(prediction: str, target: str, rel_tol: float = 1e-4, abs_tol: float = 1e-6) -> bool:
-    """Numbers equal within tolerance: "84.0" matches "84"."""
+def check_numeric(prediction: str, target: str, abs_tol: float = 1e-6, rel_tol: float = 0.0) -> bool:
+    """The same number: "84.0" matches "84". An integer answer must match exactly (10001
+    is not 10000, whatever the scale); a fractional one within ``abs_tol``. A task that
+    states a relative tolerance (``rel_tol``) gets it for every answer."""
     p, t = parse_number(prediction), parse_number(target)
     if p is None or t is None:
         return check_exact(prediction, target)
+    if rel_tol == 0 and t.is_integer():
+        return p == t
     return math.isclose(p, t, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
@@ -58,19 +62,20 @@ def check_gsm8k(prediction: str, target: str) -> bool:
 
 
 def mc_letter(text: str) -> str | None:
-    """The answer letter in "B", "(B)", "B) ...", "Answer: B", "I think (C)".
+    """The answer label in "B", "(B)", "B) ...", "Answer: B", "I think (C)"; choices
+    labelled with digits (some ARC questions use 1-4) are read the same way.
 
-    A bare leading letter counts only as a capital followed by ".", ")", ":" or the
-    end, so "A cat is..." is not read as "A".
+    A bare leading label counts only when followed by ".", ")", ":" or the end, so
+    "A cat is..." is not read as "A" and "12 apples" not as "1".
     """
     text = text.strip()
-    m = re.match(r"^\(?([A-E])(?:[.):]|\)|$)", text)
+    m = re.match(r"^\(?([A-E]|[1-9])(?:[.):]|\)|$)", text)
     if m:
         return m.group(1)
-    m = re.search(r"(?i:answer)(?:\s+is)?[:\s]*\(?([A-E])\)?(?![A-Za-z])", text)
+    m = re.search(r"(?i:answer)(?:\s+is)?[:\s]*\(?([A-E]|[1-9])\)?(?![A-Za-z0-9])", text)
     if m:
         return m.group(1)
-    m = re.search(r"\(([A-E])\)", text)
+    m = re.search(r"\(([A-E]|[1-9])\)", text)
     return m.group(1) if m else None
 
 

@@ -20,7 +20,7 @@ config); the format is documented in docs/experiments.md::
 
     name: MY_MATH
     checker: numeric
-    checker_options: {rel_tol: 0.001}
+    checker_options: {abs_tol: 0.001}
     instructions: builtin:math
     demos: builtin:math
     source:
