@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/loss_speed.py
 	$(PY) benchmarks/mask_speed.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/finetune_speed.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

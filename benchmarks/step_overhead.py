@@ -2,7 +2,10 @@
 """Time and peak memory of one training step: plain fine-tuning vs CAT vs the release's path.
 
 Three variants of the same step (forward + backward + AdamW step, cross-entropy on the
-answer tokens) on one random-init Llama-style model:
+answer tokens) on one Llama-style model: random-init from the --hidden/--layers/... flags,
+or with the architecture of a real model (``--model``, e.g. builtin:smollm2-135m-instruct),
+random-init from its config.json (``--weights random``, the default) or with its weights
+(``--weights pretrained``); the step does the same arithmetic either way.
 
 - ``plain``: SDPA attention, CE only (what CAT must cost almost nothing over).
 - ``cat``: the row probe (``cat_sdpa`` + ``AttentionProbe``): SDPA's output untouched,
@@ -36,6 +39,8 @@ Peak memory:
 Usage:
     python benchmarks/step_overhead.py                       # CPU defaults, ~10 min on 2 cores
     python benchmarks/step_overhead.py --lengths 256,512 --steps 3
+    HF_HUB_OFFLINE=1 python benchmarks/step_overhead.py --model builtin:smollm2-135m-instruct \\
+        --batch 256:8,512:4,1024:2,2048:1 --steps 5 --out benchmarks/results/step_overhead_smollm2.json
     python benchmarks/step_overhead.py --device cuda --dtype bf16 --hidden 2048 --layers 16 \\
         --heads 16 --kv-heads 4 --batch 8 --lengths 1024,2048,4096 --steps 10
 """
@@ -61,6 +66,15 @@ ATTN_IMPL = {"plain": "sdpa", "cat": "cat_sdpa", "release": "eager"}
 DEFAULT_STEPS = {256: 5, 512: 5, 1024: 4, 2048: 3}
 DEFAULT_RELEASE_STEPS = {2048: 1}
 MiB = 2**20
+# (flag, default, help) of the random-init Llama's shape; --model replaces them all.
+SHAPE_FLAGS = (
+    ("--hidden", 512, "hidden size"),
+    ("--intermediate", None, "MLP width (default: ~8/3 hidden, multiple of 32)"),
+    ("--layers", 8, "decoder layers"),
+    ("--heads", 8, "query heads"),
+    ("--kv-heads", 2, "key/value heads"),
+    ("--vocab", 8192, "vocabulary size"),
+)
 
 
 def parse_args(argv=None):
@@ -73,15 +87,18 @@ def parse_args(argv=None):
                    help=f"timed steps of the release variant (default: as --steps, but {DEFAULT_RELEASE_STEPS})")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant and length (CUDA); "
                    "on CPU the profiled memory step is the warm-up")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", default="4",
+                   help="sequences per step: one number, or per length as L:B,... (e.g. 256:8,2048:1)")
     p.add_argument("--rows", type=int, default=4, help="supervised rows per sequence")
     p.add_argument("--cols", type=int, default=4, help="causal columns per supervised row")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: ~8/3 hidden, multiple of 32)")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--model", default=None,
+                   help="take the architecture from this model reference (cattune.models.resolve_model: a "
+                   "directory, hub id, .gguf or builtin:NAME) instead of the shape flags below")
+    p.add_argument("--weights", default="random", choices=["random", "pretrained"],
+                   help="with --model: random-init from its config (default) or load its weights")
+    shape = p.add_argument_group("shape of the random-init Llama (without --model)")
+    for flag, default, help_ in SHAPE_FLAGS:
+        shape.add_argument(flag, type=int, default=None, help=help_ if default is None else f"{help_} (default {default})")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
@@ -103,9 +120,57 @@ def parse_args(argv=None):
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if "plain" not in args.variants:
         p.error("the 'plain' variant is the reference of every ratio")
-    if args.intermediate is None:
-        args.intermediate = int(round(args.hidden * 8 / 3 / 32)) * 32
+    try:
+        args.batch_by_length = parse_batch(args.batch, args.lengths)
+    except ValueError as e:
+        p.error(str(e))
+    given = [flag for flag, _, _ in SHAPE_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.model:
+        if given:
+            p.error(f"--model sets the architecture; drop {', '.join(given)}")
+        model_shape(args)
+    else:
+        if args.weights != "random":
+            p.error("--weights pretrained needs --model")
+        for flag, default, _ in SHAPE_FLAGS:
+            name = flag[2:].replace("-", "_")
+            if getattr(args, name) is None and default is not None:
+                setattr(args, name, default)
+        if args.intermediate is None:
+            args.intermediate = int(round(args.hidden * 8 / 3 / 32)) * 32
     return args
+
+
+def parse_batch(text: str, lengths: list[int]) -> dict[int, int]:
+    """``"4"`` -> 4 at every length; ``"256:8,2048:1"`` -> per length (every length named)."""
+    if ":" not in text:
+        return {L: int(text) for L in lengths}
+    table = {}
+    for part in text.split(","):
+        L, _, B = part.partition(":")
+        table[int(L)] = int(B)
+    missing = [L for L in lengths if L not in table]
+    if missing:
+        raise ValueError(f"--batch {text}: no batch size for length(s) {missing}")
+    return {L: table[L] for L in lengths}
+
+
+def model_shape(args) -> None:
+    """Fill the shape fields from ``--model``'s config, so that tables and JSON name it."""
+    from transformers import AutoConfig
+
+    from cattune.models import resolve_model
+
+    args.model_dir = resolve_model(args.model)
+    config = AutoConfig.from_pretrained(args.model_dir, local_files_only=os.path.isdir(args.model_dir))
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    args.model_type = config.model_type
+    args.hidden = config.hidden_size
+    args.intermediate = config.intermediate_size
+    args.layers = config.num_hidden_layers
+    args.heads = config.num_attention_heads
+    args.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    args.vocab = config.vocab_size
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,6 +181,8 @@ def build_model(args):
 
     import cattune.attention  # noqa: F401  registers "cat_sdpa"
 
+    if args.model:
+        return build_from_reference(args)
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -135,11 +202,34 @@ def build_model(args):
     return model, optimizer
 
 
+def build_from_reference(args):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    local = os.path.isdir(args.model_dir)
+    common = {"attn_implementation": "sdpa", "dtype": DTYPES[args.dtype]}
+    torch.manual_seed(args.seed)
+    if args.weights == "pretrained":
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, local_files_only=local, **common)
+    else:
+        config = AutoConfig.from_pretrained(args.model_dir, local_files_only=local)
+        model = AutoModelForCausalLM.from_config(config, **common)
+    # Dropout would make the three variants do different work; the released models have none.
+    for key in ("attention_dropout", "hidden_dropout", "dropout"):
+        if getattr(model.config, key, 0):
+            raise SystemExit(f"{args.model}: config.{key} = {getattr(model.config, key)}; this benchmark "
+                             "assumes a model without dropout")
+    model.config.use_cache = False
+    model.to(device=args.device, dtype=DTYPES[args.dtype])
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    return model, optimizer
+
+
 def make_batch(args, L: int):
     """Random tokens; the last quarter is the answer (CE), R supervised rows in it, each
     with ``cols`` causal columns in the prompt. Dense M as well, for the release path."""
     g = torch.Generator().manual_seed(args.seed + L)
-    B, R = args.batch, args.rows
+    B, R = batch_size(args, L), args.rows
     ids = torch.randint(0, args.vocab, (B, L), generator=g)
     answer = L - max(L // 4, R + 1)
     labels = ids.clone()
@@ -160,6 +250,12 @@ def make_batch(args, L: int):
         "causal": causal.to(dev),
         "dense": dense.to(dev),
     }
+
+
+def batch_size(args, L: int) -> int:
+    # Lengths outside --lengths (the short step that creates the AdamW state) take the
+    # smallest batch given: it only has to run.
+    return args.batch_by_length.get(L, min(args.batch_by_length.values()))
 
 
 def set_variant(model, variant: str) -> None:
@@ -300,10 +396,13 @@ def run_rss(args, L: int, variant: str) -> dict:
     # the resident size follows the live tensors instead of malloc's free lists.
     env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="2")
     cmd = [sys.executable, __file__, "--_rss-worker", variant, "--lengths", str(L),
-           "--batch", str(args.batch), "--rows", str(args.rows), "--cols", str(args.cols),
-           "--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--layers", str(args.layers),
-           "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--vocab", str(args.vocab),
+           "--batch", str(batch_size(args, L)), "--rows", str(args.rows), "--cols", str(args.cols),
            "--dtype", args.dtype, "--threads", str(args.threads), "--seed", str(args.seed)]
+    if args.model:
+        cmd += ["--model", args.model, "--weights", args.weights]
+    else:
+        cmd += ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--layers", str(args.layers),
+                "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--vocab", str(args.vocab)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RSS ")]
     if proc.returncode != 0 or not line:
@@ -359,8 +458,10 @@ def run(args) -> dict:
             for v in args.variants:
                 memory.setdefault(v, {}).update(run_rss(args, L, v))
         base_t = _common.median(times["plain"])
+        # Other jobs' load while this length ran: wall time above CPU time is the waiting.
+        load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         for v in args.variants:
-            row = {"length": L, "variant": v, "steps": n_steps[v], "times_s": times[v],
+            row = {"length": L, "variant": v, "steps": n_steps[v], "times_s": times[v], "load_average_after": load,
                    "median_s": _common.median(times[v]), "time_ratio": _common.median(times[v]) / base_t}
             # Ratio of medians, and the median of the per-step ratios (paired, same step index).
             row["time_ratio_paired"] = _common.median([t / b for t, b in zip(times[v], times["plain"])])
@@ -406,9 +507,13 @@ def render(payload: dict) -> str:
         headers += ["peak MiB", "peak vs plain", "step MiB", "step vs plain"]
     if any("rss_peak_bytes" in r for r in payload["results"]):
         headers += ["RSS step MiB", "RSS vs plain"]
-    title = (f"Llama hidden {a['hidden']}, MLP {a['intermediate']}, {a['layers']} layers, {a['heads']} heads / "
+    batches = sorted(set(a["batch_by_length"].values()))
+    batch = (f"B={batches[0]}" if len(batches) == 1 else
+             "B=" + ", ".join(f"{b} at L={L}" for L, b in a["batch_by_length"].items()))
+    arch = "Llama" if not a.get("model") else f"{a['model']} ({a['model_type']}, {a['weights']} weights):"
+    title = (f"{arch} hidden {a['hidden']}, MLP {a['intermediate']}, {a['layers']} layers, {a['heads']} heads / "
              f"{a['kv_heads']} KV heads, vocab {a['vocab']} ({payload['n_params'] / 1e6:.1f}M params), "
-             f"B={a['batch']}, {a['rows']} supervised rows x {a['cols']} causal columns per sequence, "
+             f"{batch}, {a['rows']} supervised rows x {a['cols']} causal columns per sequence, "
              f"{a['dtype']}, {a['device']}, AdamW")
     lines = []
     summary = []
