@@ -110,3 +110,15 @@ def test_format_ratio():
     from cattune.commands.common import format_ratio
 
     assert format_ratio(2.345) == "2.35" and format_ratio(9999.0) == "9999.00" and format_ratio(3.21e11) == "3.2e+11"
+
+
+def test_train_refuses_an_output_it_cannot_write_before_training(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"input": "a b ", "target": "c", "important": [{"c": ["a"]}]}) + "\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = cli("train", "--train", str(data), "--out", str(blocker), "--max_steps", "1", "--use_cpu")
+    assert r.returncode == 1 and "exists and is not a directory" in r.stderr and "Traceback" not in r.stderr
+    # a place nobody can create a directory in, even root (a chmod'ed one would not stop root)
+    r = cli("train", "--train", str(data), "--out", "/proc/cattune-test/run", "--max_steps", "1", "--use_cpu")
+    assert r.returncode == 1 and "cannot write there" in r.stderr and "Traceback" not in r.stderr

@@ -66,7 +66,23 @@ def run(args) -> int:
     return code
 
 
+def check_writable(directory: str) -> None:
+    """Fail before training, not after it, when the model could not be saved."""
+    import tempfile
+
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {directory}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".cattune-write-test."):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {directory}: cannot write there ({e.strerror or e})") from None
+
+
 def _train(targs, config) -> int:
+    check_writable(config.output_dir)
     train_records = load_records(targs.train)
     if not train_records:
         raise ValueError(f"{targs.train}: no records")
