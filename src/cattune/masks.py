@@ -253,15 +253,15 @@ def _chat_layout(tokenizer, record: Record) -> _Layout:
     offsets = p_off + [(s + shift, e + shift) if e > s else (0, 0) for s, e in a_off[:end]]
     labels = [-100] * len(p_ids) + list(a_ids[:end])
     n = len(record.prompt)
-    pieces = [_piece(record.target, answer, target, n, shift)]
+    pieces = [_piece(record.target, target, n, shift)]
     if user is not None:  # else the template rewrote the prompt: none of its annotations can be placed
-        pieces.insert(0, _piece(record.prompt, prompt, user, 0, 0))
+        pieces.insert(0, _piece(record.prompt, user, 0, 0))
     return _Layout(full, ids, offsets, labels, len(p_ids), pieces)
 
 
-def _piece(original: str, rendered: str, found: tuple[int, int], start: int, shift: int) -> tuple[int, int, int]:
+def _piece(original: str, found: tuple[int, int], start: int, shift: int) -> tuple[int, int, int]:
     """The piece of the record's text (``original`` starts at ``start``) that stands at
-    ``found`` in ``rendered`` (which starts at ``shift``), maybe without its edge spaces."""
+    ``found`` in a rendered part starting at ``shift``, maybe without its edge spaces."""
     lead = len(original) - len(original.lstrip()) if found[1] - found[0] < len(original) else 0
     lo = start + lead
     return lo, lo + found[1] - found[0], shift + found[0] - lo
@@ -281,8 +281,9 @@ def encode_record(
     are exactly those the model sees at generation time. With ``chat_template`` the
     prompt is the user turn and the target the assistant turn of the tokenizer's chat
     template; the labels cover the assistant turn and its end-of-turn token, and
-    annotations are looked up in the rendered user and assistant texts only (not in a
-    system prompt the template adds). Records longer than ``max_length`` lose prompt
+    annotations are found in the record's own text and placed in the rendered user and
+    assistant turns (never in a system prompt the template adds). Records longer than
+    ``max_length`` lose prompt
     tokens from the left (the answer is kept); annotations cut off that way land in
     ``unaligned``. Nothing here raises on an annotation that cannot be placed: every
     such pair is reported in ``unaligned`` with the reason.
