@@ -244,3 +244,25 @@ def test_answer_logits_only_trains_the_same_model(data, tmp_path, ga):
     (loss_a, ce_a, params_a), (loss_b, ce_b, params_b) = runs
     assert len(loss_a) == 3 and loss_a == pytest.approx(loss_b, rel=1e-5) and ce_a == pytest.approx(ce_b, rel=1e-5)
     assert torch.allclose(params_a, params_b, atol=1e-6), (params_a - params_b).abs().max()
+
+
+def test_few_supervised_rows_warn_loudly(data, tmp_path, caplog):
+    """CAT on records most of which carry no placeable annotation is mostly plain
+    fine-tuning: the trainer says so, with the reasons."""
+    import logging
+
+    from cattune.records import Record
+
+    model, tok = make(data)
+    records = list(data["train_S"][:4]) + [Record(prompt=r.prompt, target=r.target, important=[("zzz", ["8"])])
+                                           for r in data["train_S"][4:12]]
+    with caplog.at_level(logging.WARNING, logger="cattune.trainer"):
+        trainer = CATTrainer(model=model, args=config(tmp_path, cat_gamma=1.0), train_dataset=records,
+                             processing_class=tok)
+    stats = trainer.encode_stats["train"]
+    assert stats["records_with_supervised_rows"] == 4 and stats["unaligned_reasons"] == {"key not found in text": 8}
+    assert "only 4 of 12 records keep a supervised row" in caplog.text and "key not found in text" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cattune.trainer"):
+        CATTrainer(model=model, args=config(tmp_path, cat_gamma=0.0), train_dataset=records, processing_class=tok)
+    assert "supervised row" not in caplog.text  # the baseline needs none
