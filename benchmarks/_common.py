@@ -70,6 +70,16 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     return path
 
 
+def report(path: str | os.PathLike, payload: dict, render) -> Path:
+    """Print ``render(payload)`` and write it with the payload as JSON (the end of every script)."""
+    text = render(payload)
+    print()
+    print(text)
+    out = write_json(path, {**payload, "table": text})
+    print(f"\nwritten {out} ({payload['wall_s']:.0f}s)")
+    return out
+
+
 def table(headers: list[str], rows: list[list], title: str | None = None) -> str:
     """A GitHub-markdown table (prints fine on a terminal too)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]

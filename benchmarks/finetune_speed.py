@@ -223,11 +223,7 @@ def main(argv=None):
     out = run(args)
     payload = {"benchmark": "finetune_speed", "machine": info, "args": vars(args), **out,
                "load_average_at_end": os.getloadavg(), "wall_s": round(time.perf_counter() - t0, 1)}
-    text = render(payload)
-    print()
-    print(text)
-    path = _common.write_json(args.out, {**payload, "table": text})
-    print(f"\nwritten {path} ({payload['wall_s']:.0f}s)")
+    _common.report(args.out, payload, render)
 
 
 if __name__ == "__main__":

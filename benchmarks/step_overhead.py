@@ -549,11 +549,7 @@ def main(argv=None):
     payload = {"benchmark": "step_overhead", "machine": info, "args": vars(args), **out,
                "wall_s": round(time.perf_counter() - t0, 1)}
     payload["args"].pop("rss_worker", None)
-    text = render(payload)
-    print()
-    print(text)
-    path = _common.write_json(args.out, {**payload, "table": text})
-    print(f"\nwritten {path} ({payload['wall_s']:.0f}s)")
+    _common.report(args.out, payload, render)
 
 
 if __name__ == "__main__":
