@@ -156,16 +156,67 @@ GOOD = json.dumps({"input": "p ", "target": "t"})
         (json.dumps(["input", "target"]), "expected a JSON object"),
         (json.dumps({"input": "p ", "target": "t", "important": [{"a": ["x"], "b": ["y"]}]}), "exactly one key"),
         (json.dumps({"input": "p ", "target": "t", "important": "x"}), "important must be"),
+        ('{"input": "p ", "target": "t", "target": "u"}', "duplicate key 'target'"),
+        ('{"input": "p \\ud800", "target": "t"}', "lone surrogate"),
+        (b'{"input": "p \xe9", "target": "t"}', "not UTF-8 (byte 0xe9 at column 14)"),
     ],
 )
 def test_broken_line_raises_record_error_naming_file_and_line(tmp_path, bad, reason):
     # Line 4, after a blank line: line numbers count every physical line of the file.
-    path = write_lines(tmp_path / "data.jsonl", [GOOD, GOOD, "", bad, GOOD])
+    lines = [GOOD.encode(), GOOD.encode(), b"", bad if isinstance(bad, bytes) else bad.encode(), GOOD.encode()]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(RecordError) as info:
         load_records(path)
     message = str(info.value)
     assert message.startswith(f"{path}:4: ")
     assert reason in message
+    # The lenient mode keeps the three good records and says where the broken one was.
+    with _captured("cattune.records") as logged:
+        assert len(load_records(path, on_error="skip")) == 3
+    assert f"{path}: skipped 1 broken record(s): line 4: " in logged.getvalue()
+
+
+def _captured(name):
+    import contextlib
+    import io
+    import logging
+
+    @contextlib.contextmanager
+    def cm():
+        buf, logger = io.StringIO(), logging.getLogger(name)
+        handler = logging.StreamHandler(buf)
+        logger.addHandler(handler)
+        try:
+            yield buf
+        finally:
+            logger.removeHandler(handler)
+
+    return cm()
+
+
+def test_utf16_files_are_read(tmp_path):
+    path = tmp_path / "utf16.jsonl"
+    path.write_bytes((GOOD + "\r\n" + json.dumps({"input": "é ", "target": "t"}) + "\r\n").encode("utf-16"))
+    assert [r.prompt for r in load_records(path)] == ["p ", "é "]
+
+
+def test_annotation_in_another_normalisation_form_matches_the_prompt(tmp_path):
+    import unicodedata
+
+    nfc = "Le café coûte 3 euros. Prix: "
+    line = {"input": nfc, "target": "3", "important": [{"3": [unicodedata.normalize("NFD", "café")]}]}
+    record = load_records(write_lines(tmp_path / "d.jsonl", [json.dumps(line)]))[0]
+    assert record.important[0][1][0] in record.prompt
+
+
+def test_the_papers_gsm8k_nested_value_is_skipped_in_lenient_mode(tmp_path):
+    # The release's GSM8K file has one record whose annotation value is an object.
+    bad = {"input": "q ", "target": "1", "important": [{"1": [{"nested": "x"}]}]}
+    path = write_lines(tmp_path / "gsm.jsonl", [GOOD, json.dumps(bad), GOOD])
+    with pytest.raises(RecordError, match=":2: .*must be a list of strings"):
+        load_records(path)
+    assert len(load_records(path, on_error="skip")) == 2
 
 
 def test_record_error_is_a_value_error():

@@ -266,3 +266,62 @@ def test_few_supervised_rows_warn_loudly(data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="cattune.trainer"):
         CATTrainer(model=model, args=config(tmp_path, cat_gamma=0.0), train_dataset=records, processing_class=tok)
     assert "supervised row" not in caplog.text  # the baseline needs none
+
+
+def test_non_finite_gradient_stops_before_it_is_applied_or_saved(data, tmp_path):
+    # A finite loss whose backward pass overflows: the step must not be applied, and the
+    # checkpoint of the step before must hold finite weights.
+    model, tok = make(data)
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] >= 3 else grad
+
+    model.lm_head.weight.register_hook(poison)
+    trainer = CATTrainer(model=model, args=config(tmp_path, cat_gamma=1.0, save_strategy="steps", save_steps=1),
+                         train_dataset=data["train_S"][:32], processing_class=tok)
+    with pytest.raises(CATTrainingError, match="non-finite gradient at step 3"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-2" / "model.safetensors").values())
+
+
+def test_no_supervised_row_is_an_error_unless_allowed(data, tmp_path):
+    from cattune.records import Record
+
+    model, tok = make(data)
+    plain = [Record(r.prompt, r.target) for r in data["train_S"][:16]]
+    with pytest.raises(ValueError, match="no training record keeps a supervised row"):
+        CATTrainer(model=model, args=config(tmp_path, cat_gamma=1.0), train_dataset=plain, processing_class=tok)
+    trainer = CATTrainer(model=model, args=config(tmp_path, cat_gamma=1.0, cat_allow_unsupervised=True),
+                         train_dataset=plain, processing_class=tok)
+    assert "only 0 of 16 records keep a supervised row" in trainer.cat_warnings[0]
+    CATTrainer(model=model, args=config(tmp_path, cat_gamma=0.0), train_dataset=plain, processing_class=tok)
+
+
+@pytest.mark.parametrize("max_length", [0, 1])
+def test_max_length_below_two_is_rejected(tmp_path, max_length):
+    with pytest.raises(ValueError, match="max_length must be at least 2"):
+        config(tmp_path, max_length=max_length)
+
+
+def test_saved_model_has_no_hub_token_and_uniform_file_modes(data, tmp_path):
+    import os
+
+    model, tok = make(data)
+    trainer = CATTrainer(model=model, args=config(tmp_path, max_steps=1, hub_token="hf_secret_value_123"),
+                         train_dataset=data["train_S"][:8], processing_class=tok)
+    trainer.train()
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    assert trainer.args.hub_token == "hf_secret_value_123"  # restored for a later push
+    assert b"hf_secret_value_123" not in (out / "training_args.bin").read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes

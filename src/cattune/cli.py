@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `cattune ... | head`: the reader left, not an error of ours
         sys.stderr.close()
         return 0
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except OSError as e:  # an unreadable input, an unwritable output, a full disk: name the path
+        where = f"{e.filename}: " if e.filename and str(e.filename) not in str(e.strerror or "") else ""
+        print(f"cattune {name}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError) as e:
         print(f"cattune {name}: error: {e}", file=sys.stderr)
         return 1
 

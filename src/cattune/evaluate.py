@@ -107,6 +107,7 @@ class EvalResult:
     correct: int
     predictions: list[dict] = field(default_factory=list)
     attention_ratio: float | None = None  # mean causal / non-causal attention, annotated records
+    truncated: int = 0  # prompts longer than max_length, cut from the left as in training
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -118,21 +119,31 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 32, max_new_tokens: int = 16,
-                     progress: bool = True, desc: str = "generate", chat_template: bool = False) -> list[str]:
+                     progress: bool = True, desc: str = "generate", chat_template: bool = False,
+                     max_length: int | None = None, stats: dict | None = None) -> list[str]:
     """Greedy decoding of each prompt's continuation, batched with left padding.
 
     With ``chat_template`` each prompt is the user turn of the tokenizer's chat template
     and the answer the assistant's turn, rendered as in training (``render_prompt``).
+    ``max_length`` bounds prompt + answer as training does: a longer prompt loses tokens
+    from the left; ``stats["truncated"]`` counts those prompts.
     """
+    if max_length is not None and max_length <= max_new_tokens:
+        raise ValueError(f"max_length={max_length} leaves no room for a prompt before {max_new_tokens} new tokens")
+    keep = None if max_length is None else max_length - max_new_tokens
     prompts = [render_prompt(tokenizer, p, chat_template) for p in prompts]
     device = _device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outs: list[str] = []
+    truncated = 0
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-            batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=not chat_template).to(device)
+            ids = tokenizer(prompts[i : i + batch_size], add_special_tokens=not chat_template)["input_ids"]
+            if keep is not None:
+                truncated += sum(len(x) > keep for x in ids)
+                ids = [x[-keep:] for x in ids]
+            batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
             gen = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -141,6 +152,8 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 32,
             outs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
+    if stats is not None:
+        stats["truncated"] = truncated
     return outs
 
 
@@ -180,13 +193,15 @@ def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: 
 def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = "exact", batch_size: int = 32,
              max_new_tokens: int | None = None, progress: bool = True, desc: str = "eval",
              span_columns: str = DEFAULT_SPAN_COLUMNS, layers: list[int] | None = None,
-             chat_template: bool = False) -> EvalResult:
+             chat_template: bool = False, max_length: int | None = None) -> EvalResult:
     """Accuracy of greedy answers on ``records`` plus per-record predictions.
 
     ``max_new_tokens`` defaults to the longest target's token count + 4. The attention
     ratio is measured on annotated records with ``span_columns``, CATConfig's default
     and ``layers`` (pass the training settings to compare with the trainer's logged ratio).
     ``chat_template``: prompts go through the tokenizer's chat template, as in training.
+    ``max_length``: tokens per record, prompt cut from the left as in training (default:
+    the model's ``max_position_embeddings``); ``EvalResult.truncated`` counts the cuts.
     """
     if not records:
         raise ValueError("nothing to evaluate: the record list is empty")
@@ -196,13 +211,17 @@ def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = 
     if max_new_tokens is None:
         longest = max(len(tokenizer(r.target, add_special_tokens=False)["input_ids"]) for r in records)
         max_new_tokens = longest + 4
+    if max_length is None:
+        max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     was_training = model.training
     model.eval()
+    stats: dict = {}
     try:
         answers = generate_answers(model, tokenizer, [r.prompt for r in records], batch_size, max_new_tokens,
-                                   progress=progress, desc=desc, chat_template=chat_template)
+                                   progress=progress, desc=desc, chat_template=chat_template,
+                                   max_length=max_length, stats=stats)
         ratio = causal_attention_ratio(model, tokenizer, records, batch_size, span_columns=span_columns, layers=layers,
-                                       chat_template=chat_template)
+                                       chat_template=chat_template, max_length=max_length)
     finally:
         model.train(was_training)
     predictions = []
@@ -212,4 +231,4 @@ def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = 
         correct += ok
         predictions.append({"prompt": r.prompt, "target": r.target, "prediction": a, "correct": ok})
     return EvalResult(accuracy=correct / len(records), n=len(records), correct=correct,
-                      predictions=predictions, attention_ratio=ratio)
+                      predictions=predictions, attention_ratio=ratio, truncated=stats["truncated"])

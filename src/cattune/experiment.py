@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import enum
 import glob
 import hashlib
 import io
@@ -41,6 +42,8 @@ import statistics
 import sys
 import tempfile
 import time
+import types as pytypes
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -161,10 +164,11 @@ def resolve_config_path(spec: str | os.PathLike) -> Path:
 
 
 def _coerce_train_args(args: dict, where: str) -> dict:
-    """Check names against CATConfig and turn YAML strings like "1e-3" into numbers."""
+    """Check names and value types against CATConfig, before any run trains; YAML strings
+    such as "1e-3" or "false" become the number or boolean the field takes."""
     from .trainer import CATConfig
 
-    types = {f.name: f.type for f in dataclasses.fields(CATConfig)}
+    types = typing.get_type_hints(CATConfig)
     out = {}
     for k, v in args.items():
         if k not in types:
@@ -173,14 +177,112 @@ def _coerce_train_args(args: dict, where: str) -> dict:
                               + (f" (did you mean {close[0]!r}?)" if close else ""))
         if k in RESERVED_TRAIN:
             raise ConfigError(f"{where}: {k!r} is set by the experiment runner (per run)")
-        t = types[k]
-        if isinstance(v, str) and t in (float, "float", int, "int"):
-            try:
-                v = float(v) if t in (float, "float") else int(v)
-            except ValueError:
-                raise ConfigError(f"{where}: {k} must be a number, got {v!r}") from None
-        out[k] = v
+        try:
+            out[k] = _typed(v, types[k])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {k} must be {_type_name(types[k])}, got {v!r}") from None
     return out
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _typed(value: Any, tp: Any) -> Any:
+    """``value`` as a field of type ``tp`` takes it; TypeError/ValueError when it cannot.
+    Ints stay ints in float fields (the settings hash of finished runs depends on them)."""
+    origin, members = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, pytypes.UnionType):
+        exact = [m for m in members if _matches(value, m)]
+        if exact:
+            return _typed(value, exact[0])
+        for m in members:  # a string spelling a number or a boolean
+            try:
+                return _typed(value, m)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError(value)
+    if origin is typing.Literal:
+        if value in members:
+            return value
+        raise ValueError(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise TypeError(value)
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise TypeError(value)
+        if isinstance(value, str):
+            return tp(value.strip())
+        if tp is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return value
+        raise TypeError(value)
+    if tp is str or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
+        if isinstance(value, str):
+            return value
+        raise TypeError(value)
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise TypeError(value)
+        return [_typed(v, members[0]) for v in value] if members else value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise TypeError(value)
+        return value
+    return value  # a library type (e.g. ParallelismConfig): TrainingArguments checks it
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    base = typing.get_origin(tp) or tp
+    if tp is type(None):
+        return value is None
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(base, type) and isinstance(value, base) and not (base is not bool and isinstance(value, bool))
+
+
+def _type_name(tp: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, pytypes.UnionType) else (tp,)
+    return " or ".join(names.get(m, getattr(m, "__name__", str(m))) for m in members)
+
+
+def _check_train_args(config: "ExperimentConfig", where: str) -> None:
+    """Build every run's CATConfig once, so that a value TrainingArguments rejects fails now,
+    not after the first runs trained."""
+    from .trainer import CATConfig
+
+    for entry in config.tasks:
+        for arm in config.arms:
+            try:
+                CATConfig(**{**train_args_for(config, entry, arm), "output_dir": "unused", "report_to": []})
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{where}: task {entry.label}, arm {arm}: {e}") from None
+
+
+def _positive_int(value: Any, where: str, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def _flag(value: Any, where: str) -> bool:
+    try:
+        return _typed(value, bool)
+    except TypeError:
+        raise ConfigError(f"{where} must be true or false, got {value!r}") from None
 
 
 def _seeds(value: Any, where: str) -> list[int]:
@@ -214,7 +316,8 @@ def _model_entry(obj: Any, where: str) -> ModelEntry:
     elif lora is False:
         lora = None
     return ModelEntry(label=str(obj["name"]), path=path, tiny=dict(obj.get("tiny") or {}), lora=lora,
-                      trust_remote_code=bool(obj.get("trust_remote_code", False)), raw=obj)
+                      trust_remote_code=_flag(obj.get("trust_remote_code", False), f"{where}: trust_remote_code"),
+                      raw=obj)
 
 
 def _task_entry(obj: Any, where: str, base_dir: Path) -> TaskEntry:
@@ -303,14 +406,18 @@ def parse_config(data: dict, path: Path | None = None) -> ExperimentConfig:
     if set(ev_raw) - set(DEFAULT_EVAL):
         raise ConfigError(f"{where}: eval: unknown fields {sorted(set(ev_raw) - set(DEFAULT_EVAL))}")
     ev.update(ev_raw)
+    ev["batch_size"] = _positive_int(ev["batch_size"], f"{where}: eval.batch_size", allow_none=False)
+    ev["max_new_tokens"] = _positive_int(ev["max_new_tokens"], f"{where}: eval.max_new_tokens")
     output = Path(data.get("output") or f"{name}_results")
-    threads = data.get("threads")
-    return ExperimentConfig(
+    config = ExperimentConfig(
         name=name, output=output, seeds=_seeds(data.get("seeds", 1), f"{where}: seeds"), arms=list(arms),
         models=model_entries, tasks=task_entries, train=train, arm_args=arm_args, eval=ev,
-        save_models=bool(data.get("save_models", False)), save_predictions=bool(data.get("save_predictions", False)),
-        threads=int(threads) if threads else None, path=path,
+        save_models=_flag(data.get("save_models", False), f"{where}: save_models"),
+        save_predictions=_flag(data.get("save_predictions", False), f"{where}: save_predictions"),
+        threads=_positive_int(data.get("threads"), f"{where}: threads"), path=path,
     )
+    _check_train_args(config, where)
+    return config
 
 
 def load_config(spec: str | os.PathLike) -> ExperimentConfig:
@@ -688,12 +795,23 @@ class ExperimentReport:
         return len(self.ran) + len(self.skipped) == len(self.planned)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     """Start of a worker process for ``jobs > 1``."""
+    import threading
+
     import torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    # A parent killed with SIGKILL cannot stop its workers: each leaves on its own once it
+    # is orphaned, instead of training on and writing into the output afterwards.
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = None, max_runs: int | None = None,
@@ -711,6 +829,8 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
     """
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if max_runs is not None and max_runs < 0:
+        raise ValueError(f"max_runs must be 0 or more, got {max_runs}")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out) if out is not None else config.output
     results_path = out / RESULTS
@@ -786,7 +906,7 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
             log("note: --progress shows no bars with more than one job")
         # spawn, not fork: the workers must not inherit torch's or the tokenizers' thread pools
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(config.threads or 1,))
+                                   initializer=_init_worker, initargs=(config.threads or 1, os.getpid()))
         queue, running, error = list(todo), {}, None
         try:
             while queue or running:
@@ -889,6 +1009,10 @@ def run(args) -> int:
         rows = write_summary(out, results, config)
         print(summary_markdown(rows, f"Experiment {config.name}", config.arms))
         return 0
+    if not args.dry_run:
+        from .files import check_writable_dir
+
+        check_writable_dir(out, "--out" if args.out else "output")
     report = run_experiment(config, out=out, max_runs=args.max_runs, dry_run=args.dry_run, progress=args.progress,
                             jobs=args.jobs, only=only)
     if args.dry_run:
@@ -896,6 +1020,8 @@ def run(args) -> int:
     if report.rows:
         print(summary_markdown(report.rows, f"Experiment {config.name}", config.arms))
     remaining = len(report.planned) - len(report.ran) - len(report.skipped)
-    print(f"{len(report.ran)} run(s) done now, {len(report.skipped)} earlier, {remaining} left; "
-          f"results in {out / RESULTS}, table in {out / 'summary.md'} and {out / 'summary.csv'}", file=sys.stderr)
+    where = (f"; results in {out / RESULTS}, table in {out / 'summary.md'} and {out / 'summary.csv'}"
+             if report.rows else "; no finished run yet, so no table")
+    print(f"{len(report.ran)} run(s) done now, {len(report.skipped)} earlier, {remaining} left{where}",
+          file=sys.stderr)
     return 0

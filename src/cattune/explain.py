@@ -370,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from .files import check_distinct_paths, check_writable_file
+
+    check_distinct_paths(inputs={"--data": [args.data], "--log": args.log or []},
+                         outputs={"--out": [args.out], "--json": [args.json]})
+    for option, path in (("--out", args.out), ("--json", args.json)):
+        if path:
+            check_writable_file(path, option)  # before a model loads
     if args.log:
         if args.model or args.data:
             raise ValueError("give either --log (ratio curve) or --model/--data (heatmap), not both")

@@ -159,6 +159,9 @@ def write_training_info(model_dir: str | os.PathLike, config, base_model: str | 
     from .records import atomic_write_text
 
     info = {name: getattr(config, name) for name in RECORDED_FIELDS if hasattr(config, name)}
+    if base_model and Path(base_model).is_dir():
+        # A local base is recorded relative to this directory: the pair can move together.
+        base_model = os.path.relpath(Path(base_model).resolve(), Path(model_dir).resolve())
     info["base_model"] = base_model
     atomic_write_text(Path(model_dir) / TRAINING_INFO, json.dumps(info, indent=2) + "\n")
 
@@ -178,6 +181,11 @@ def load_model(reference: str, trust_remote_code: bool = False, torch_dtype: str
     local = Path(path).exists()
     info = read_training_info(path) if local else {}
     base_ref = info.get("base_model") if (Path(path) / "adapter_config.json").is_file() else None
+    if base_ref and (Path(path) / base_ref).is_dir():  # recorded relative to the adapter
+        base_ref = str(Path(path) / base_ref)
+    if local and Path(path).is_dir() and not any((Path(path) / n).is_file()
+                                                for n in ("config.json", "adapter_config.json")):
+        raise ModelError(f"{reference}: not a model directory (no config.json or adapter_config.json in it)")
     kw = {"trust_remote_code": trust_remote_code}
     if local:
         kw["local_files_only"] = True

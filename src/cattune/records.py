@@ -9,14 +9,17 @@ Every other field is kept in ``Record.meta`` and written back unchanged.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 Annotation = list[tuple[str, list[str]]]
+logger = logging.getLogger(__name__)
 
 
 class RecordError(ValueError):
@@ -116,38 +119,107 @@ def record_from_json(obj: Any) -> Record:
     return Record(prompt=obj["input"], target=target, important=important, meta=meta, target_json=raw)
 
 
-def iter_json_lines(path: str | os.PathLike, parse=record_from_json) -> Iterator[tuple[int, Any]]:
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r} (JSON would silently keep the last value)")
+    return obj
+
+
+def _decode_lines(path: Path) -> Iterator[tuple[int, str | UnicodeDecodeError]]:
+    """``(line number, text)`` per line; a line that is not UTF-8 comes as its error.
+
+    UTF-8 with or without a byte-order mark, and UTF-16 with one (what Windows tools
+    write), are read; anything else is reported at its line instead of failing the file.
+    """
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            text = data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise RecordError(f"{path}: starts with a UTF-16 byte-order mark but is not UTF-16 ({e.reason})") from None
+        yield from enumerate(text.splitlines(), start=1)
+        return
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield lineno, e
+
+
+def _check_unicode(obj: Any) -> Any:
+    """Reject lone surrogates (``"\\ud800"`` parses, but no tokenizer or file can encode
+    it) and bring text to NFC, so that an annotation typed in another normalisation form
+    than the prompt (e.g. NFD from macOS) still matches it."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"contains a lone surrogate ({obj[e.start]!r} at position {e.start} of a string): "
+                             "not valid Unicode") from None
+        return unicodedata.normalize("NFC", obj) if not obj.isascii() else obj
+    if isinstance(obj, list):
+        return [_check_unicode(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_check_unicode(k): _check_unicode(v) for k, v in obj.items()}
+    return obj
+
+
+def iter_json_lines(path: str | os.PathLike, parse=record_from_json,
+                    on_error: str = "raise") -> Iterator[tuple[int, Any]]:
     """``(line number, parse(object))`` for each non-blank line of a JSONL file.
 
-    A line that is not JSON, or that ``parse`` rejects with ``ValueError``, raises
-    RecordError naming the file and the line.
+    A line that is not UTF-8 or not JSON, has a duplicate key, or that ``parse`` rejects
+    with ``ValueError``, raises RecordError naming the file and the line. With
+    ``on_error="skip"`` such lines are left out instead and reported in one warning at the
+    end (how many, and where).
     """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with path.open(encoding="utf-8-sig") as f:  # -sig: files saved by Windows tools start with a BOM
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            try:
-                yield lineno, parse(obj)
-            except ValueError as e:
+    skipped: list[tuple[int, str]] = []
+    for lineno, line in _decode_lines(path):
+        if isinstance(line, str) and not line.strip():
+            continue
+        try:
+            record = parse(_parse_line(line))
+        except ValueError as e:
+            if on_error == "raise":
                 raise RecordError(f"{path}:{lineno}: {e}") from None
+            skipped.append((lineno, str(e)))
+            continue
+        yield lineno, record
+    if skipped:
+        shown = "; ".join(f"line {n}: {why}" for n, why in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+        logger.warning("%s: skipped %d broken record(s): %s", path, len(skipped), shown)
 
 
-def iter_records(path: str | os.PathLike, with_lines: bool = False) -> Iterator:
+def _parse_line(line: str | UnicodeDecodeError) -> Any:
+    if isinstance(line, UnicodeDecodeError):
+        raise ValueError(f"not UTF-8 (byte 0x{line.object[line.start]:02x} at column {line.start + 1})")
+    try:
+        obj = json.loads(line, object_pairs_hook=_reject_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    return _check_unicode(obj)
+
+
+def iter_records(path: str | os.PathLike, with_lines: bool = False, on_error: str = "raise") -> Iterator:
     """Records of a JSONL file, or ``(line number, Record)`` pairs with ``with_lines``."""
-    for lineno, record in iter_json_lines(path):
+    for lineno, record in iter_json_lines(path, on_error=on_error):
         yield (lineno, record) if with_lines else record
 
 
-def load_records(path: str | os.PathLike) -> list[Record]:
-    """Read a JSONL file of records; a broken line raises RecordError naming file and line."""
-    return list(iter_records(path))
+def load_records(path: str | os.PathLike, on_error: str = "raise") -> list[Record]:
+    """Read a JSONL file of records. A broken line raises RecordError naming file and
+    line; ``on_error="skip"`` leaves broken lines out and logs how many and where."""
+    return list(iter_records(path, on_error=on_error))
 
 
 def _mode_for(path: Path) -> int:

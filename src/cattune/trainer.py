@@ -59,6 +59,10 @@ class CATConfig(TrainingArguments):
             token identities and positions, so it cannot tell the "8" of "Smoking: 8" from
             any other "8"; in a model of a few layers, asking it to attend to causal values
             makes it read every number (README, "Choosing alpha and the layers").
+        cat_allow_unsupervised (`bool`, *optional*, defaults to `False`):
+            With `cat_gamma > 0` and no training record keeping a supervised row, training
+            would silently be plain fine-tuning: an error unless this is set. Fewer than
+            half the records keeping one gives a warning (also in `cat_warnings`).
 
         > Data
 
@@ -92,6 +96,11 @@ class CATConfig(TrainingArguments):
     cat_span_columns: str = field(
         default=DEFAULT_SPAN_COLUMNS,
         metadata={"help": "Value tokens that become causal columns.", "choices": list(SPAN_COLUMNS)},
+    )
+    cat_allow_unsupervised: bool = field(
+        default=False,
+        metadata={"help": "Train even when no training record keeps a supervised row (no annotation aligns): the "
+                  "Re-Attention loss then never acts and CAT is plain fine-tuning. Without it that is an error."},
     )
     cat_layers: list[int] | None = field(
         default=None,
@@ -142,6 +151,8 @@ class CATConfig(TrainingArguments):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.cat_gamma < 0 or self.cat_alpha <= 0:
             raise ValueError("cat_gamma must be >= 0 and cat_alpha > 0")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (a prompt token and an answer token), got {self.max_length}")
 
 
 def to_records(data) -> list[Record]:
@@ -247,6 +258,7 @@ class CATTrainer(Trainer):
         # so that a LoRA adapter finds its base model on another machine.
         self.base_model = base_model
         self.encode_stats: dict[str, dict] = {}
+        self.cat_warnings: list[str] = []  # what the user should know about the data (train_report.json)
         train_records = to_records(train_dataset)
         if train_dataset is not None and not train_records:
             raise ValueError("the training set is empty")
@@ -279,19 +291,27 @@ class CATTrainer(Trainer):
         data, stats = encode_dataset(tokenizer, records, args.max_length, args.cat_span_columns, args.chat_template)
         self.encode_stats[name] = stats
         kept = stats["records_with_supervised_rows"]
+        reasons = stats["unaligned_reasons"] or "no annotations"
+        if name == "train" and args.cat_gamma > 0 and kept == 0 and not args.cat_allow_unsupervised:
+            # The Re-Attention loss only acts on records with a supervised row: without any,
+            # "CAT" would be plain fine-tuning under another name.
+            raise ValueError(f"no training record keeps a supervised row (unaligned pairs by reason: {reasons}), so "
+                             "the Re-Attention loss would never act. Check the annotations, train the baseline with "
+                             "cat_gamma 0, or set cat_allow_unsupervised")
         if name == "train" and args.cat_gamma > 0 and kept * 2 < stats["records"]:
-            # The Re-Attention loss only acts on records with a supervised row: with few of
-            # them CAT quietly becomes plain fine-tuning.
-            logger.warning("%s: only %d of %d records keep a supervised row (unaligned pairs by reason: %s); the "
-                           "Re-Attention loss acts on those alone", name, kept, stats["records"],
-                           stats["unaligned_reasons"] or "no annotations")
+            self._warn(f"{name}: only {kept} of {stats['records']} records keep a supervised row (unaligned pairs by "
+                       f"reason: {reasons}); the Re-Attention loss acts on those alone")
         if stats["truncated"]:
-            logger.warning("%s: %d of %d records longer than max_length=%d were truncated (prompt cut from the left)",
-                           name, stats["truncated"], stats["records"], args.max_length)
+            self._warn(f"{name}: {stats['truncated']} of {stats['records']} records longer than "
+                       f"max_length={args.max_length} were truncated (prompt cut from the left)")
         if stats["annotated_pairs"] and stats["unaligned_pairs"]:
             logger.info("%s: %d of %d annotated pairs could not be aligned to tokens",
                         name, stats["unaligned_pairs"], stats["annotated_pairs"])
         return data
+
+    def _warn(self, message: str) -> None:
+        self.cat_warnings.append(message)
+        logger.warning(message)
 
     def cat_gamma_now(self) -> float:
         args = self.args
@@ -386,12 +406,32 @@ class CATTrainer(Trainer):
             self._cat_metrics[k].append(pair)
         return (total, outputs) if return_outputs else total
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # A finite loss can still back-propagate inf/nan (an overflow in a backward pass):
+        # stop before the optimizer applies it, so no checkpoint holds broken weights.
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            raise CATTrainingError(
+                f"non-finite gradient at step {self.state.global_step + 1}; training stopped before applying it. "
+                f"Checkpoints already written in {self.args.output_dir} are kept and hold finite weights; "
+                "lower the learning rate or cat_gamma, or check the data."
+            )
+        return loss
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call=_internal_call)
+        # TrainingArguments are pickled into training_args.bin: never with the hub token.
+        token, self.args.hub_token = self.args.hub_token, None
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            self.args.hub_token = token
         if self.args.should_save:
             from .models import write_training_info
 
-            write_training_info(output_dir or self.args.output_dir, self.args, base_model=self.base_model)
+            directory = output_dir or self.args.output_dir
+            write_training_info(directory, self.args, base_model=self.base_model)
+            _uniform_modes(directory)
 
     LOGGED = ("attn_ratio", "gamma", "loss_attn", "loss_ce")
 
@@ -407,6 +447,19 @@ class CATTrainer(Trainer):
             logs.update({k: round(num / den, 6) for k, (num, den) in zip(self.LOGGED, sums.tolist()) if den > 0})
             self._cat_metrics.clear()
         super().log(logs, start_time)
+
+
+def _uniform_modes(directory: str) -> None:
+    """Give every file of a saved model the mode a plain ``open()`` gives (some writers,
+    safetensors among them, create theirs 0600 through a temporary file)."""
+    import os
+    from pathlib import Path
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(directory).iterdir():
+        if path.is_file() and not path.name.startswith("."):
+            os.chmod(path, 0o666 & ~umask)
 
 
 def lora_model(model, r: int = 64, alpha: int = 32, dropout: float = 0.1,

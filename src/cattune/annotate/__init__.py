@@ -11,6 +11,7 @@ from .llm import (
     EndpointError,
     LLMAnnotator,
     Outcome,
+    Redactor,
     ReplyError,
     RequestFailed,
     build_messages,
@@ -25,6 +26,6 @@ from .rules import RuleAnnotator, load_rules
 __all__ = [
     "RuleAnnotator", "load_rules",
     "LLMAnnotator", "Outcome", "make_client", "build_messages", "load_demos", "load_instructions",
-    "parse_reply", "check_annotation", "ReplyError", "RequestFailed", "EndpointError",
+    "parse_reply", "check_annotation", "ReplyError", "RequestFailed", "EndpointError", "Redactor",
     "annotate_file", "check_alignment",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import queue
 import sys
@@ -29,12 +30,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
+from ..files import check_distinct_paths, check_writable_file
 from ..records import Annotation, Record, RecordError, atomic_write_text, dumps_record
 from .llm import (
     STRUCTURED_MODES,
     EndpointError,
     LLMAnnotator,
     Outcome,
+    Redactor,
     RequestFailed,
     Stopped,
     check_annotation,
@@ -93,6 +96,22 @@ def assign_ids(items: list[tuple[int, Record]], id_field: str = "auto", path: st
 def report_path_for(output: str | os.PathLike) -> Path:
     output = Path(output)
     return output.with_name((output.stem if output.suffix == ".jsonl" else output.name) + ".report.json")
+
+
+def lock_path_for(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    return output.with_name(f".{output.name}.lock")
+
+
+def check_paths(inputs: list[tuple[str, str | os.PathLike]], outputs: list[tuple[str, str | os.PathLike]]) -> None:
+    """Refuse an output that is another path of the command, or that cannot be written.
+
+    ``inputs`` and ``outputs`` are (option, path) pairs. An output that is also the input,
+    the demos or the other output would be silently replaced by it at the end of the run.
+    """
+    check_distinct_paths({label: [p] for label, p in inputs}, {label: [p] for label, p in outputs})
+    for label, path in outputs:
+        check_writable_file(path, label)
 
 
 def output_line(record: Record, record_id: Any, annotation: Annotation, empty_reason: str | None = None) -> str:
@@ -210,7 +229,7 @@ class _Lock:
     """Refuse a second run writing the same output (its final rewrite would lose lines)."""
 
     def __init__(self, output: Path):
-        self.path = output.with_name(f".{output.name}.lock")
+        self.path = lock_path_for(output)
         self.handle = None
 
     def __enter__(self):
@@ -345,17 +364,20 @@ def annotate_file(
     report. Resumes from what ``output_path`` already holds unless ``overwrite``.
     The input is read and checked in full before the output is touched. Setting
     ``stop`` (default: the annotator's ``stop`` event) from another thread ends the run
-    early; what is written stays valid for a resume.
+    early; what is written stays valid for a resume. Messages, empty reasons and the
+    report pass through the annotator's ``redact`` (if it has one), so that the API key
+    an endpoint echoes is never written.
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    if output_path.resolve() == input_path.resolve():
-        raise ValueError("--output must not be the input file")
+    report_path = Path(report_path) if report_path else report_path_for(output_path)
+    check_paths([("--input", input_path)],
+                [("--output", output_path), ("--report", report_path), ("lock file", lock_path_for(output_path))])
     if concurrency < 1:
         raise ValueError("--concurrency must be >= 1")
+    redact: Callable[[str], str] = getattr(annotate, "redact", None) or (lambda text: text)
     items = read_records(input_path) if items is None else items
     ids = assign_ids(items, id_field, input_path)
     prompts = {record_id: record.prompt for record_id, (_, record) in zip(ids, items)}
-    report_path = Path(report_path) if report_path else report_path_for(output_path)
     # The annotator's own event, so that stopping the run also cuts its backoff sleeps.
     stop = stop or getattr(annotate, "stop", None) or threading.Event()
     stop.clear()
@@ -376,6 +398,7 @@ def annotate_file(
             with output_path.open("a", encoding="utf-8") as out:
 
                 def write(index: int, record: Record, annotation: Annotation, reason: str | None = None) -> None:
+                    reason = redact(reason) if reason else reason
                     out.write(output_line(record, ids[index], annotation, reason) + "\n")
                     out.flush()  # a kill loses at most the records in flight
 
@@ -405,7 +428,7 @@ def annotate_file(
             # What the annotator settled on during the run (e.g. the response_format it fell back to).
             if callable(report_fields := getattr(annotate, "report_fields", None)):
                 report.update(report_fields())
-            atomic_write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+            atomic_write_text(report_path, redact(json.dumps(report, indent=2, ensure_ascii=False)) + "\n")
     return report
 
 
@@ -542,6 +565,16 @@ def _float_or_none(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cattune annotate",
@@ -595,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--json-mode", action="store_true", help="ask for response_format json_object whenever "
                      "json_schema is not sent (--structured off, or after an 'auto' fallback); OpenAI, vLLM and "
                      "Ollama support it (default: off)")
-    llm.add_argument("--timeout", metavar="SECONDS", type=float, default=120.0, help="seconds before a request counts as timed out "
+    llm.add_argument("--timeout", metavar="SECONDS", type=_positive_seconds, default=120.0, help="seconds before a request counts as timed out "
                      "and is retried (default: %(default)s)")
     llm.add_argument("--concurrency", metavar="N", type=int, default=4, help="requests in flight at once (default: %(default)s)")
     llm.add_argument("--max-retries", metavar="N", type=int, default=6, help="retries of a request after 429, 5xx, timeout or "
@@ -636,12 +669,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings(args) -> dict[str, Any]:
+def _base_url(args) -> str:
+    return args.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+
+
+def _settings(args, redact: Redactor) -> dict[str, Any]:
     if args.rule:
         return {"mode": "rules", "rules": args.rule}
     return {
         "mode": "llm",
-        "base_url": args.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
+        "base_url": redact.url(_base_url(args)),
         "model": args.model,
         "demos": args.demos,
         "instructions": args.instructions,
@@ -679,7 +716,30 @@ def _note(message: str) -> None:
     tqdm.write(message, file=sys.stderr)  # above the progress bar, not through it
 
 
+def _os_error(e: OSError) -> str:
+    if e.filename is None:
+        return str(e)
+    return f"{e.filename}: {e.strerror or e}"
+
+
 def run(args) -> int:
+    """``cattune annotate``; every error is one line (``ValueError``/``RuntimeError``), secrets redacted."""
+    # Built from the arguments, before any client: a message about a bad URL may quote it.
+    redact = Redactor.for_endpoint(os.environ.get(args.api_key_env), _base_url(args))
+    try:
+        return _run(args, redact)
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # a file that cannot be read or written, found mid-run: no traceback
+        raise RuntimeError(redact(_os_error(e))) from None
+    except (ValueError, RuntimeError) as e:
+        message = redact(str(e))
+        if message == str(e):
+            raise
+        raise (ValueError if isinstance(e, ValueError) else RuntimeError)(message) from None
+
+
+def _run(args, redact: Redactor) -> int:
     if args.check:
         return _run_check(args)
     if args.rule and (args.model or args.demos):
@@ -688,6 +748,18 @@ def run(args) -> int:
         raise ValueError("give --model (assistant LLM, with --demos), --rule FILE, or --check")
     if args.limit is not None and args.limit < 0:
         raise ValueError("--limit must be >= 0")
+    if args.output:
+        # Before anything is read or sent: a report written over the output, the input or
+        # the demos would replace it at the very end of a paid-for run. annotate_file
+        # checks its own paths again, but knows nothing of the demos or the rules.
+        inputs = [("--input", args.input)] + [
+            (option, path) for option, path in (("--demos", args.demos), ("--instructions", args.instructions),
+                                                 ("--rule", args.rule))
+            if path and not str(path).startswith("builtin:")
+        ]
+        report = args.report or report_path_for(args.output)
+        outputs = [("--output", args.output), ("--report", report), ("lock file", lock_path_for(args.output))]
+        check_paths(inputs, outputs)
 
     # Everything is read and checked before the output is touched.
     items = read_records(args.input)
@@ -726,12 +798,12 @@ def run(args) -> int:
             args.input, args.output, annotate,
             concurrency=concurrency, id_field=args.id_field, overwrite=args.overwrite,
             redo_empty=args.redo_empty, keep_existing=args.keep_existing, limit=args.limit,
-            progress=not args.no_progress, report_path=args.report, settings=_settings(args),
+            progress=not args.no_progress, report_path=args.report, settings=_settings(args, redact),
             stop=stop, items=items,
         )
     except EndpointError as e:
         raise RuntimeError(f"{e} (what is done is kept; run again to resume)") from None
-    print(_summary(report))
+    print(redact(_summary(report)))
     if report["failed"]:
         print(f"{report['failed']} records failed on endpoint errors and are not in the output; "
               "run the same command again to retry them", file=sys.stderr)

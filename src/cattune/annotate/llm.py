@@ -21,6 +21,10 @@ that constrain decoding to a schema (vLLM, llama.cpp) can only answer in that sh
 server that refuses the field gets the plain request instead, for the rest of the run;
 the reply is parsed the same way either way, as servers may also accept the field and
 ignore it (``transformers serve`` does).
+
+Endpoints echo what they were sent (an HTTP 400 that repeats the Authorization header, a
+proxy error quoting the URL), so every message built from an error or a reply passes
+through a ``Redactor`` holding the API key and the base URL's credentials.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ import json
 import os
 import random
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
+from urllib.parse import parse_qsl, quote, quote_plus, unquote_plus, urlsplit, urlunsplit
 
 from ..masks import find_occurrences
 from ..records import Annotation, Record, RecordError, iter_records
@@ -80,6 +86,83 @@ JSON_SCHEMA_FORMAT: dict[str, Any] = {
 # How servers word a refusal of the field: "Unsupported response_format", "json_schema
 # is not supported", "structured outputs are not available for this model", ...
 _FORMAT_REFUSAL = re.compile(r"response[_ ]?format|json[_ ]?schema|structured[_ ]output", re.I)
+
+# Sent when no key is set: local servers ignore it, so it is no secret.
+PLACEHOLDER_KEY = "EMPTY"
+
+# Nothing listens at the base URL (closed port, unknown host): a setup error, so only a
+# few quick retries, enough to ride out a server restart, and never the long backoff.
+CONNECT_RETRIES = 2
+CONNECT_BACKOFF_MAX = 0.5
+
+
+# --------------------------------------------------------------------------- secrets
+
+REDACTED = "***"
+# Query parameters that carry credentials: Azure's api-key, Google's key, tokens, signatures.
+_SECRET_PARAM = re.compile(r"key|token|secret|passw|sig", re.I)
+# Shorter "secrets" would mangle ordinary words in messages and protect nothing.
+_MIN_SECRET = 4
+
+
+def _is_secret_param(part: str) -> bool:
+    """Whether ``name=value``, one part of a query, holds a credential."""
+    name, _, value = part.partition("=")
+    return bool(value) and bool(_SECRET_PARAM.search(unquote_plus(name)))
+
+
+def _secret_params(url: str) -> list[str]:
+    """The raw values of ``url``'s query parameters whose name says they are credentials."""
+    return [part.partition("=")[2] for part in urlsplit(url).query.split("&") if _is_secret_param(part)]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the values of credential query parameters and any password replaced."""
+    parts = urlsplit(url)
+    query = [f"{part.partition('=')[0]}={REDACTED}" if _is_secret_param(part) else part
+             for part in parts.query.split("&")]
+    netloc = parts.netloc
+    if parts.password:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc, query="&".join(query)))
+
+
+class Redactor:
+    """Replaces known secrets in text with ``***`` before it is printed, logged or written."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        found: set[str] = set()
+        for secret in secrets:
+            if isinstance(secret, str) and len(secret) >= _MIN_SECRET:
+                # An echo may carry the key as sent in a URL, or decoded from one.
+                found.update({secret, quote(secret, safe=""), quote_plus(secret), unquote_plus(secret)})
+        self.secrets = sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
+
+    @classmethod
+    def for_endpoint(cls, api_key: Any, base_url: Any = None, query: dict[str, Any] | None = None) -> "Redactor":
+        """The secrets of an endpoint: the API key, and credentials in the base URL or its query."""
+        secrets = [api_key] if isinstance(api_key, str) and api_key != PLACEHOLDER_KEY else []
+        if base_url:
+            base_url = str(base_url)
+            secrets += _secret_params(base_url)
+            secrets.append(urlsplit(base_url).password or "")
+        secrets += [str(v) for k, v in (query or {}).items() if _SECRET_PARAM.search(str(k))]
+        return cls(secrets)
+
+    @classmethod
+    def for_client(cls, client: Any) -> "Redactor":
+        query = getattr(client, "default_query", None)
+        return cls.for_endpoint(getattr(client, "api_key", None), getattr(client, "base_url", None),
+                                query if isinstance(query, dict) else None)
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def url(self, url: str) -> str:
+        return self(redact_url(url))
 
 
 # --------------------------------------------------------------------------- files
@@ -192,13 +275,37 @@ def _raw_pairs(obj: Any) -> list[tuple[Any, Any]] | None:
     return None
 
 
-def parse_reply(text: str | None) -> list[tuple[Any, Any]]:
+def _preview(text: Any) -> str:
+    return repr(str(text).strip()[:80])
+
+
+def reply_text(content: Any) -> str | None:
+    """The text of a message's ``content``: a string, or the text parts of a list of parts.
+
+    The client does not check the type, so a server can hand back anything here; what
+    is not text is a ``ReplyError`` for this record, not a crash of the run.
+    """
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        texts = [text for text in texts if isinstance(text, str)]
+        if not texts:
+            raise ReplyError(f"message content has no text part: {_preview(json.dumps(content, default=str))}")
+        return "".join(texts)
+    shown = json.dumps(content, default=str)
+    raise ReplyError(f"message content is {type(content).__name__}, not text: {_preview(shown)}")
+
+
+def parse_reply(text: str | list | None) -> list[tuple[Any, Any]]:
     """The (key, values) pairs of a reply, unchecked; ``ReplyError`` when there are none.
 
     Accepts a bare JSON object, one inside a fenced code block, one with text before or
     after it, a list of one-key objects, and a ``{"important": ...}`` wrapper. Reasoning
-    models' ``<think>...</think>`` preambles are skipped.
+    models' ``<think>...</think>`` preambles are skipped. ``text`` may also be a list of
+    content parts (``[{"type": "text", "text": ...}, ...]``): their text is the reply.
     """
+    text = reply_text(text)
     if text is None or not text.strip():
         raise ReplyError("empty reply")
     text = _THINK.sub("", text)
@@ -369,15 +476,16 @@ class Outcome:
                 setattr(self, name, (getattr(self, name) or 0) + n)
 
 
-def _describe(err: Exception) -> str:
+def _describe(err: Exception, redact: Callable[[str], str] = lambda text: text) -> str:
+    """A short description of an error; ``redact`` sees the whole text before it is cut."""
     import openai
 
     if isinstance(err, openai.APITimeoutError):
         return "timeout"
     if isinstance(err, openai.APIStatusError):
-        message = getattr(err, "message", "") or ""
+        message = redact(getattr(err, "message", "") or "")
         return f"HTTP {err.status_code}" + (f": {message[:120]}" if message else "")
-    return f"{type(err).__name__}: {str(err)[:120]}"
+    return f"{type(err).__name__}: {redact(str(err))[:120]}"
 
 
 def _refuses_response_format(err: Exception) -> bool:
@@ -404,16 +512,73 @@ def make_client(base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY"
 
     The key is read from the environment variable ``api_key_env`` only. Local servers
     (vLLM, Ollama) want none, so an unset variable sends a placeholder unless
-    ``require_key``.
+    ``require_key``. A query in ``base_url`` (``...?api-key=K``, as some gateways want)
+    is sent with every request.
     """
     import openai
 
+    if not timeout > 0:
+        raise ValueError(f"the timeout must be a positive number of seconds, got {timeout!r}")
     key = os.environ.get(api_key_env)
     if not key:
         if require_key:
             raise ValueError(f"environment variable {api_key_env} is not set (it must hold the API key)")
-        key = "EMPTY"
-    return openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+        key = PLACEHOLDER_KEY
+    query = None
+    if base_url and urlsplit(base_url).query:
+        # The client appends its routes to the base URL as text, which would put them
+        # after the query ("/v1?api-key=Kchat/completions"); it takes a query apart.
+        parts = urlsplit(base_url)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        base_url = urlunsplit(parts._replace(query=""))
+    return openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0, default_query=query)
+
+
+def _cannot_connect(err: Exception) -> str | None:
+    """Why no connection could be made ("Connection refused"), or None for other errors.
+
+    The client wraps the transport's ConnectError (httpx's or httpx2's, both named so),
+    which wraps the socket's error; a timeout or a connection cut mid-reply is not one.
+    """
+    import openai
+
+    if not isinstance(err, openai.APIConnectionError) or isinstance(err, openai.APITimeoutError):
+        return None
+    chain, cause = [], err.__cause__ or err.__context__
+    while cause is not None and cause not in chain and len(chain) < 20:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if not any(type(c).__name__ == "ConnectError" or isinstance(c, (ConnectionRefusedError, socket.gaierror))
+               for c in chain):
+        return None
+    innermost = chain[-1]
+    return getattr(innermost, "strerror", None) or str(innermost) or type(innermost).__name__
+
+
+def _message_content(response: Any, redact: Callable[[str], str]) -> Any:
+    """The first choice's message content of a 200 answer, or ``ReplyError`` saying what came instead.
+
+    Whatever the endpoint sent goes through ``redact`` first: messages show the start of
+    it, and a cut could leave half a secret where the whole one would have been replaced.
+    """
+    if isinstance(response, str):  # the client hands back a non-JSON body (text/plain, HTML) as it is
+        raise ReplyError(f"reply was not JSON: {_preview(redact(response))}")
+    if not hasattr(response, "choices"):  # JSON, but a list or a scalar
+        raise ReplyError(f"reply is not a chat completion: {_preview(redact(json.dumps(response, default=str)))}")
+    choices = response.choices
+    if not isinstance(choices, list) or not choices:
+        shown = response.to_dict() if callable(getattr(response, "to_dict", None)) else response
+        raise ReplyError(f"reply has no choices: {_preview(redact(json.dumps(shown, default=str)))}")
+    message = getattr(choices[0], "message", None)
+    if message is None:
+        raise ReplyError("reply has no message in its first choice")
+    content = getattr(message, "content", None)
+    if content is None:
+        return None
+    if isinstance(content, str):
+        return redact(content)
+    # Content parts or worse: redacted as JSON text, which a replaced secret keeps valid.
+    return json.loads(redact(json.dumps(content, default=str, ensure_ascii=False)))
 
 
 class _Pause:
@@ -446,6 +611,10 @@ class LLMAnnotator:
     the rest of the run; ``"on"`` stops the run on such a refusal (``EndpointError``);
     ``"off"`` never sends it. ``json_mode`` asks for ``json_object`` whenever json_schema
     is not sent. ``log`` receives a one-line note when the fallback happens.
+
+    A closed port or an unknown host stops the run (``EndpointError`` naming the base URL)
+    after at most ``CONNECT_RETRIES`` quick retries. The API key and the base URL's
+    credentials never appear in what it returns, raises or logs (``redact``).
     """
 
     def __init__(
@@ -496,6 +665,9 @@ class LLMAnnotator:
         self._send_schema = structured != "off"
         self._format_lock = threading.Lock()
         self.structured_fallback: str | None = None  # why json_schema was dropped, if it was
+        self.redact = Redactor.for_client(client)
+        base_url = getattr(client, "base_url", None)
+        self.endpoint = self.redact.url(str(base_url).rstrip("/")) if base_url else "the endpoint"
 
     def response_format(self) -> dict[str, Any] | None:
         """What the next request sends as ``response_format`` (None: the field is left out)."""
@@ -507,6 +679,7 @@ class LLMAnnotator:
         return {"response_format": sent["type"] if sent else None, "structured_fallback": self.structured_fallback}
 
     def _drop_schema(self, reason: str) -> None:
+        reason = self.redact(reason)
         if self.structured == "on":
             raise EndpointError(f"the endpoint refuses response_format json_schema ({reason}); "
                                 "use --structured auto to fall back to plain-text replies, or --structured off") from None
@@ -517,8 +690,8 @@ class LLMAnnotator:
             self.structured_fallback = reason
         if self.log:
             plain = "response_format json_object" if self._plain_format else "plain-text replies"
-            self.log(f"note: the endpoint refuses response_format json_schema ({reason}); "
-                     f"using {plain} for the rest of the run")
+            self.log(self.redact(f"note: the endpoint refuses response_format json_schema ({reason}); "
+                                 f"using {plain} for the rest of the run"))
 
     def messages(self, record: Record) -> list[dict[str, str]]:
         return build_messages(record, self.demos, self.instructions)
@@ -530,21 +703,29 @@ class LLMAnnotator:
         """Ask until a reply has a valid pair, at most ``1 + reply_retries`` replies.
 
         Raises ``RequestFailed`` (transient errors outlasted the retries), ``EndpointError``
-        (the endpoint refuses everything) or ``Stopped``. A request the endpoint rejects
-        for this record alone comes back as an empty Outcome with ``rejected`` set.
+        (the endpoint refuses everything, or nothing listens at its URL) or ``Stopped``. A
+        request the endpoint rejects for this record alone comes back as an empty Outcome
+        with ``rejected`` set.
         """
+        try:
+            outcome = self._annotate(record)
+        except (RequestFailed, EndpointError) as e:
+            raise type(e)(self.redact(str(e))) from None
+        if outcome.empty_reason:
+            outcome.empty_reason = self.redact(outcome.empty_reason)
+        return outcome
+
+    def _annotate(self, record: Record) -> Outcome:
         messages = self.messages(record)
         outcome = Outcome()
         problem = ""
         for _ in range(1 + self.reply_retries):
             try:
-                reply = self._request(messages, outcome)
+                pairs = parse_reply(self._request(messages, outcome))
             except _Rejected as e:
                 outcome.rejected = True
                 outcome.empty_reason = f"request rejected: {e}"
                 return outcome
-            try:
-                pairs = parse_reply(reply)
             except ReplyError as e:
                 outcome.bad_replies += 1
                 problem = f"unparseable reply ({e})"
@@ -564,7 +745,8 @@ class LLMAnnotator:
         outcome.empty_reason = f"{problem}; {outcome.bad_replies} replies"
         return outcome
 
-    def _request(self, messages: list[dict[str, str]], outcome: Outcome) -> str | None:
+    def _request(self, messages: list[dict[str, str]], outcome: Outcome) -> Any:
+        """The message content of one reply; ``ReplyError`` for an answer that holds none."""
         import openai
 
         attempt = 0  # transient errors so far; a refused response_format is not one
@@ -580,27 +762,38 @@ class LLMAnnotator:
                 response = self.client.chat.completions.create(model=self.model, messages=messages, **params)
             except openai.APIStatusError as e:
                 status = e.status_code
+                described = _describe(e, self.redact)
                 if status in _FATAL_STATUS:
-                    raise EndpointError(f"the endpoint answered {_describe(e)}; check --base-url, --model and the API key") from None
+                    raise EndpointError(f"the endpoint answered {described}; check --base-url, --model and the API key") from None
                 # Some servers answer an unknown response_format type with a 500; naming the
                 # field makes it a refusal, not a transient error worth backing off for.
                 if (status not in (408, 409, 429) and response_format is JSON_SCHEMA_FORMAT
                         and _refuses_response_format(e)):
-                    self._drop_schema(_describe(e))
+                    self._drop_schema(described)
                     continue  # the same request at once, without the schema
                 if not (status in (408, 409, 429) or status >= 500):
-                    raise _Rejected(_describe(e)) from None
+                    raise _Rejected(described) from None
                 error = e
             except (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError) as e:
                 error = e
+            except json.JSONDecodeError as e:
+                # A 200 that says JSON but is not (a proxy's page, a cut body): this reply is
+                # bad, the endpoint may still be fine.
+                raise ReplyError(f"reply was not JSON ({e.msg}): {_preview(self.redact(e.doc))}") from None
             else:
                 outcome.add_usage(getattr(response, "usage", None))
-                choices = getattr(response, "choices", None) or []
-                return choices[0].message.content if choices and choices[0].message else None
-            if attempt == self.max_retries:
-                raise RequestFailed(f"{_describe(error)} after {attempt + 1} requests")
+                return _message_content(response, self.redact)
+            refused = _cannot_connect(error)
+            retries = min(self.max_retries, CONNECT_RETRIES) if refused else self.max_retries
+            if attempt >= retries:
+                if refused:
+                    raise EndpointError(f"cannot connect to {self.endpoint}: {refused} ({attempt + 1} attempts); "
+                                        "is the server running? Check --base-url")
+                raise RequestFailed(f"{_describe(error, self.redact)} after {attempt + 1} requests")
             outcome.api_retries += 1
             delay = min(self.backoff_max, self.backoff_base * 2**attempt)
+            if refused:
+                delay = min(delay, CONNECT_BACKOFF_MAX)
             delay = delay * (0.5 + 0.5 * random.random())  # spread out threads that failed together
             hinted = _retry_after(error)
             if hinted is not None:

@@ -1,10 +1,12 @@
-"""Tables and JSON output shared by the commands (model loading lives in cattune.models)."""
+"""Tables, JSON output and output-path checks shared by the commands (model loading lives in
+cattune.models)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from ..files import check_distinct_paths, check_writable_dir, check_writable_file  # noqa: F401  (re-exported)
 from ..models import load_model, parse_layers  # noqa: F401  (the commands import them from here)
 from ..records import atomic_write_text
 

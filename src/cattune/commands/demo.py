@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
-from .common import format_table, parse_layers, write_json
+from .common import check_writable_dir, format_table, parse_layers, write_json
 
 ARMS = ("baseline", "cat")
 
@@ -171,7 +171,7 @@ def run(args) -> int:
     if unknown or not variants:
         raise ValueError(f"--variants takes E, H or E,H; got {args.variants!r}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out, "--out")
     runs: list[dict] = []
     started = time.time()
     for variant in variants:

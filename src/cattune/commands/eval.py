@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from ..evaluate import CHECKERS, evaluate
 from ..records import load_records
 from ..models import layers_option, load_model, training_settings
-from .common import format_ratio, format_table, write_json
+from .common import check_distinct_paths, check_writable_file, format_ratio, format_table, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,29 +35,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts through the tokenizer's chat template; default: as the model was trained "
                    "(cattune.json), else off")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per record, prompt cut from the left as in training; default: as the model was "
+                   "trained (cattune.json), else the model's max_position_embeddings")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="leave out broken records (reported with file and line) instead of stopping")
     p.add_argument("--out", default=None,
-                   help="JSON output (default: MODEL/eval_results.json for a model directory, else ./eval_results.json)")
+                   help="JSON output, replaced. Default: MODEL/eval_results.json for a model directory (results are "
+                   "kept per data file: evaluating another file adds to it), else ./eval_results.json")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")
     return p
 
 
 def run(args) -> int:
-    datasets = {path: load_records(path) for path in args.data}  # fail on bad input before loading a model
+    for name in ("batch_size", "max_new_tokens", "max_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    in_model_dir = args.out is None and Path(args.model).is_dir()
+    out = Path(args.out) if args.out else (Path(args.model) / "eval_results.json" if in_model_dir
+                                           else Path("eval_results.json"))
+    check_distinct_paths(inputs={"--data": args.data}, outputs={"--out": [out]})
+    check_writable_file(out, "--out")  # before the model loads and the evaluation runs
+    on_error = "skip" if args.skip_invalid else "raise"
+    datasets = {path: load_records(path, on_error=on_error) for path in args.data}  # bad input fails first
     settings = training_settings(args.model, chat_template=args.chat_template, span_columns=args.span_columns,
                                  layers=args.layers)
+    if args.max_length is not None:
+        settings["max_length"] = args.max_length
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     results, rows = {}, []
     for path, records in datasets.items():
+        if not records:
+            raise ValueError(f"{path}: no records to evaluate")
         res = evaluate(model, tokenizer, records, checker=args.checker, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, desc=Path(path).name,
                        span_columns=settings["span_columns"], layers=settings["layers"],
-                       chat_template=settings["chat_template"])
-        results[path] = res.to_json()
+                       chat_template=settings["chat_template"], max_length=settings["max_length"])
+        if res.truncated:
+            print(f"{path}: {res.truncated} of {res.n} prompts longer than max_length were cut from the left",
+                  file=sys.stderr)
+        results[path] = {**res.to_json(), "checker": args.checker, "settings": settings}
         ratio = "-" if res.attention_ratio is None else format_ratio(res.attention_ratio)
         rows.append([path, res.n, res.accuracy, ratio])
     print(format_table(["data", "n", "accuracy", "attn ratio"], rows))
-    default_out = Path(args.model) / "eval_results.json" if Path(args.model).is_dir() else Path("eval_results.json")
-    out = Path(args.out) if args.out else default_out
+    kept = []
+    if in_model_dir:  # one file per model, one entry per data file: another evaluation adds, never erases
+        earlier = _read_results(out)
+        kept = [p for p in earlier if p not in results]
+        results = {**{p: earlier[p] for p in kept}, **results}
     write_json(out, {"model": args.model, "checker": args.checker, "settings": settings, "results": results})
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" (in the model directory; kept earlier results for {len(kept)} other data file(s))"
+                             if in_model_dir else ""))
     return 0
+
+
+def _read_results(path: Path) -> dict:
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("results"), dict):
+        return {}
+    return earlier["results"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import stg
 from ..records import save_records
+from .common import check_writable_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    check_writable_dir(args.out, "--out")
     splits = stg.generate(args.variant, seed=args.seed)
     out = Path(args.out)
     for name, records in splits.items():

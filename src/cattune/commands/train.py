@@ -11,7 +11,7 @@ from transformers import HfArgumentParser
 
 from ..records import load_records
 from ..trainer import CATConfig, CATTrainer, end_distributed, lora_model
-from .common import load_model, write_json
+from .common import check_distinct_paths, check_writable_dir, load_model, write_json
 
 LAUNCH_HINT = """\
 Several GPUs or processes: the same command runs under torchrun or accelerate, e.g.
@@ -38,6 +38,14 @@ class TrainArguments:
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (the release: 0.1)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub repository."})
     checker: str = field(default="exact", metadata={"help": "Answer checker for --eval: exact, numeric, gsm8k, mc."})
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "Leave out broken records (reported with file and line) instead of stopping."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start from step 0 even when --out holds checkpoints of an earlier run (by default "
+                  "training resumes from the last one)."},
+    )
 
 
 def build_parser():
@@ -53,6 +61,12 @@ def parse(parser, argv):
     names = {a.split("=", 1)[0] for a in argv}
     if not names & {"--out", "--output_dir", "--output-dir", "-h", "--help"}:
         parser.error("--out DIR is required")
+    argv = list(argv)
+    for i, arg in enumerate(argv):  # a bare --resume_from_checkpoint means "the last one in --out"
+        if arg in ("--resume_from_checkpoint", "--resume-from-checkpoint") and (
+                i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "true")
+            break
     try:
         targs, config = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # unknown options, or a CATConfig value out of range
@@ -66,48 +80,67 @@ def run(args) -> int:
     return code
 
 
-def check_writable(directory: str) -> None:
-    """Fail before training, not after it, when the model could not be saved."""
-    import tempfile
+def resume_checkpoint(config, overwrite: bool) -> str | None:
+    """The checkpoint to resume from: the one named, the last in --out for "true", and by
+    default the last in --out, so that re-running a killed command continues it instead
+    of starting again over its checkpoints."""
+    from transformers.trainer_utils import get_last_checkpoint
 
-    path = Path(directory)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {directory}: exists and is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".cattune-write-test."):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {directory}: cannot write there ({e.strerror or e})") from None
+    named = config.resume_from_checkpoint
+    out = config.output_dir
+    last = get_last_checkpoint(out) if Path(out).is_dir() else None
+    if named is not None and str(named).lower() not in ("true", "1", "yes", "last"):
+        return named
+    if named is not None and last is None:
+        raise ValueError(f"--resume_from_checkpoint: no checkpoint-N directory in --out {out}")
+    if named is None and (last is None or overwrite):
+        return None
+    return last
 
 
 def _train(targs, config) -> int:
-    check_writable(config.output_dir)
-    train_records = load_records(targs.train)
+    check_distinct_paths(inputs={"--train": [targs.train], "--eval": [targs.eval]},
+                         outputs={"--out": [config.output_dir]})
+    check_writable_dir(config.output_dir, "--out")
+    resume = resume_checkpoint(config, targs.overwrite_output_dir)
+    on_error = "skip" if targs.skip_invalid else "raise"
+    train_records = load_records(targs.train, on_error=on_error)
     if not train_records:
         raise ValueError(f"{targs.train}: no records")
-    eval_records = load_records(targs.eval) if targs.eval else None
+    eval_records = load_records(targs.eval, on_error=on_error) if targs.eval else None
+    base_model = targs.model
     if targs.model:
         model, tokenizer = load_model(targs.model, trust_remote_code=targs.trust_remote_code)
     else:
         from ..tiny import build
 
         model, tokenizer = build([r.text for r in train_records], seed=config.seed)
+        if targs.lora:
+            # The embedded model is built from the data, so an adapter alone could not be
+            # loaded again: keep its (frozen) base beside it, referenced from cattune.json.
+            base_model = str(Path(config.output_dir, "base_model").resolve())
+            if not resume:
+                model.save_pretrained(base_model)
+                tokenizer.save_pretrained(base_model)
     if targs.lora:
         model = lora_model(model, r=targs.lora_r, alpha=targs.lora_alpha, dropout=targs.lora_dropout)
     trainer = CATTrainer(model=model, args=config, train_dataset=train_records, eval_dataset=eval_records,
-                         processing_class=tokenizer, base_model=targs.model)
+                         processing_class=tokenizer, base_model=base_model)
     if trainer.is_world_process_zero():
         print(f"data: {json.dumps(trainer.encode_stats)}", file=sys.stderr)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        if resume:
+            print(f"resuming from {resume}" + ("" if config.resume_from_checkpoint else
+                  " (found in --out; --overwrite_output_dir starts again from step 0)"), file=sys.stderr)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
-    report = {"encode": trainer.encode_stats, "log_history": trainer.state.log_history}
+    report = {"encode": trainer.encode_stats, "warnings": trainer.cat_warnings,
+              "log_history": trainer.state.log_history}
     if eval_records and trainer.is_world_process_zero():
         from ..evaluate import evaluate
 
         res = evaluate(trainer.model, tokenizer, eval_records, checker=targs.checker,
                        span_columns=config.cat_span_columns, layers=config.cat_layers,
-                       chat_template=config.chat_template)
+                       chat_template=config.chat_template, max_length=config.max_length)
         report["eval"] = {"accuracy": res.accuracy, "n": res.n, "attention_ratio": res.attention_ratio}
         print(f"eval accuracy on {targs.eval}: {res.accuracy:.3f} ({res.correct}/{res.n})")
     if trainer.is_world_process_zero():

@@ -1,0 +1,252 @@
+"""The CLI as a careless or hostile user meets it: nothing is lost, nothing leaks, no
+traceback. Every case runs the real command in a subprocess."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+UNWRITABLE = "/proc/cattune-test"  # not even root can create anything there
+
+
+def cli(*args, env=None, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "cattune.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def ok(r):
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    return r
+
+
+def fails(r, message):
+    assert r.returncode in (1, 2), (r.returncode, r.stderr)  # 2: a usage error, from the parser
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+TRAIN = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu",
+         "--disable_tqdm", "true", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from cattune import stg
+    from cattune.records import save_records
+
+    d = tmp_path_factory.mktemp("data")
+    splits = stg.generate("E")
+    save_records(d / "train.jsonl", splits["train_S"][:16])
+    save_records(d / "test.jsonl", splits["iid_test"][:8])
+    save_records(d / "ood.jsonl", splits["ood_test"][:8])
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "m"
+    ok(cli("train", "--train", data / "train.jsonl", "--out", out, "--save_strategy", "no", *TRAIN))
+    return out
+
+
+# --- 1, 20: outputs that would destroy an input, or cannot be written -----------------------
+
+
+def test_eval_refuses_to_write_over_its_data(model, data, tmp_path):
+    copy = tmp_path / "test.jsonl"
+    copy.write_bytes((data / "test.jsonl").read_bytes())
+    before = copy.read_bytes()
+    fails(cli("eval", "--model", model, "--data", copy, "--out", tmp_path / "." / "test.jsonl"), "is the same file as")
+    link = tmp_path / "link.json"
+    link.symlink_to(copy)
+    fails(cli("eval", "--model", model, "--data", copy, "--out", link), "is the same file as")
+    assert copy.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["stg", "--out", f"{UNWRITABLE}/stg"], "cannot write there"),
+    (["demo", "--out", f"{UNWRITABLE}/demo", "--limit", "8"], "cannot write there"),
+    (["eval", "--model", "MODEL", "--data", "TEST", "--out", f"{UNWRITABLE}/r.json"], "cannot write there"),
+    (["eval", "--model", "MODEL", "--data", "TEST", "--out", "DIR"], "is a directory"),
+    (["explain", "--model", "MODEL", "--data", "TEST", "--out", f"{UNWRITABLE}/x.png"], "cannot write there"),
+    (["explain", "--model", "MODEL", "--data", "TEST", "--out", "TEST"], "is the same file as"),
+    (["train", "--train", "TEST", "--out", "TEST"], "is the same file as"),
+])
+def test_outputs_are_checked_before_the_work(model, data, tmp_path, argv, message):
+    subst = {"MODEL": model, "TEST": data / "test.jsonl", "DIR": tmp_path}
+    before = (data / "test.jsonl").read_bytes()
+    fails(cli(*[subst.get(a, a) for a in argv]), message)
+    assert (data / "test.jsonl").read_bytes() == before
+
+
+# --- 3: a killed training run is resumed, not restarted over its checkpoints -----------------
+
+
+def test_train_resumes_from_the_last_checkpoint_in_out(data, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--train", data / "train.jsonl", "--out", out, "--save_strategy", "steps", "--save_steps", "1"]
+    ok(cli(*args, *TRAIN))  # steps 1-2, as if killed after step 2 of 4
+    r = ok(cli(*args, *TRAIN[:1], "4", *TRAIN[2:]))
+    assert f"resuming from {out / 'checkpoint-2'}" in r.stderr
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    # A bare --resume_from_checkpoint means the last checkpoint; --overwrite_output_dir starts again.
+    r = ok(cli(*args, *TRAIN[:1], "5", *TRAIN[2:], "--resume_from_checkpoint"))
+    assert f"resuming from {out / 'checkpoint-4'}" in r.stderr
+    r = ok(cli(*args, *TRAIN, "--overwrite_output_dir"))
+    assert "resuming" not in r.stderr
+    fails(cli("train", "--train", data / "train.jsonl", "--out", tmp_path / "empty", *TRAIN,
+              "--resume_from_checkpoint", "true"), "no checkpoint-N directory")
+
+
+# --- 4, 15: eval keeps earlier results, cuts long prompts as training does ------------------
+
+
+def test_eval_keeps_results_per_data_file_and_truncates(model, data, tmp_path):
+    ok(cli("eval", "--model", model, "--data", data / "test.jsonl"))
+    r = ok(cli("eval", "--model", model, "--data", data / "ood.jsonl"))
+    assert "kept earlier results for 1 other data file" in r.stdout
+    res = json.loads((model / "eval_results.json").read_text())
+    assert set(res["results"]) == {str(data / "test.jsonl"), str(data / "ood.jsonl")}
+    # A huge record: cut from the left to max_length, counted, and no memory blow-up.
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(json.dumps({"input": "Smoking: 8. " * 20000 + "Answer: ", "target": "8"}) + "\n")
+    r = ok(cli("eval", "--model", model, "--data", huge, "--out", tmp_path / "h.json"))
+    assert "1 of 1 prompts longer than max_length were cut from the left" in r.stderr
+    assert json.loads((tmp_path / "h.json").read_text())["results"][str(huge)]["truncated"] == 1
+
+
+# --- 13, 16, 18, 19: data and models that would silently do the wrong thing ----------------
+
+
+def test_cat_without_any_supervised_row_fails_and_skip_invalid_reports(data, tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    lines = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    plain.write_text("".join(json.dumps({"input": x["input"], "target": x["target"]}) + "\n" for x in lines))
+    fails(cli("train", "--train", plain, "--out", tmp_path / "o", *TRAIN), "no training record keeps a supervised row")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text((data / "train.jsonl").read_text() + '{"input": "x", "target": "y", "target": "z"}\n')
+    fails(cli("train", "--train", broken, "--out", tmp_path / "o", *TRAIN), f"{broken}:17: duplicate key 'target'")
+    r = ok(cli("train", "--train", broken, "--out", tmp_path / "o", *TRAIN, "--save_strategy", "no", "--skip_invalid"))
+    assert f"{broken}: skipped 1 broken record(s): line 17: duplicate key" in r.stderr
+
+
+def test_lora_on_the_embedded_model_loads_again_offline(data, tmp_path):
+    out = tmp_path / "lora"
+    ok(cli("train", "--train", data / "train.jsonl", "--out", out, "--lora", "--lora_r", "4", "--save_strategy",
+           "no", *TRAIN))
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)  # the adapter and its base travel together
+    r = ok(cli("eval", "--model", moved, "--data", data / "test.jsonl", "--out", tmp_path / "e.json"))
+    assert "accuracy" in r.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--train", "TRAIN", "--out", "OUT", "--max_length", "0"], "max_length must be at least 2"),
+    (["train", "--train", "TRAIN", "--out", "OUT", "--max_length", "1"], "max_length must be at least 2"),
+    (["train", "--train", "TRAIN", "--out", "OUT", "--gamma", "nan"], "cat_gamma must be a finite number"),
+    (["eval", "--model", "EMPTY", "--data", "TRAIN"], "not a model directory"),
+    (["eval", "--model", "MODEL", "--data", "TRAIN", "--batch-size", "0"], "--batch-size must be a positive"),
+    (["experiment", "builtin:stg", "--max-runs", "-1", "--out", "OUT"], "max_runs must be 0 or more"),
+    (["explain", "--model", "MODEL", "--data", "TRAIN", "--record", "99", "--out", "OUT/x.png"], "out of range"),
+    (["train", "--train", "UTF16BAD", "--out", "OUT"], "not UTF-8"),
+])
+def test_bad_values_are_one_line_errors(model, data, tmp_path, argv, message):
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"input": "caf\xe9 ", "target": "t"}\n')
+    subst = {"TRAIN": data / "train.jsonl", "OUT": tmp_path / "out", "EMPTY": tmp_path / "empty", "MODEL": model,
+             "UTF16BAD": bad}
+    fails(cli(*[str(subst.get(a, a)).replace("OUT", str(tmp_path / "out")) for a in argv]), message)
+
+
+def test_experiment_max_runs_zero_writes_no_table_and_says_so(tmp_path):
+    r = ok(cli("experiment", "builtin:stg", "--max-runs", "0", "--out", tmp_path / "x"))
+    assert "no finished run yet, so no table" in r.stderr and not (tmp_path / "x" / "summary.md").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("models", [{"name": "t", "tiny": {}, "trust_remote_code": "maybe"}], "trust_remote_code must be true or false"),
+    ("train", {"num_train_epochs": [1, 2]}, "num_train_epochs must be a number"),
+    ("train", {"max_steps": 2.5}, "max_steps must be an integer"),
+    ("eval", {"batch_size": 0}, "eval.batch_size must be a positive integer"),
+    ("eval", {"batch_size": "big"}, "eval.batch_size must be a positive integer"),
+])
+def test_experiment_config_types_fail_before_any_run(tmp_path, field, value, message):
+    import yaml
+
+    config = {"name": "x", "output": str(tmp_path / "o"), "tasks": [{"task": "STG_E", "train_limit": 8,
+                                                                     "test_limit": 4}], field: value}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    fails(cli("experiment", path, "--dry-run"), message)
+
+
+# --- 5: workers die with their parent --------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
+def test_experiment_workers_exit_when_the_runner_is_killed(tmp_path):
+    import yaml
+
+    config = {"name": "k", "output": str(tmp_path / "o"), "seeds": [0, 1], "arms": ["baseline"],
+              "tasks": [{"task": "STG_E", "train": "train_L", "test_limit": 4}], "train": {"num_train_epochs": 50}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "cattune.cli", "experiment", str(path), "--jobs", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        workers: list[int] = []
+        while time.time() < deadline and len(workers) < 2:
+            time.sleep(1)
+            workers = [c for c in _children(proc.pid)
+                       if b"spawn" in Path(f"/proc/{c}/cmdline").read_bytes() and _children(c) == []]
+        assert len(workers) >= 2, "the workers did not start"
+        time.sleep(3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+            time.sleep(0.5)
+        alive = [w for w in workers if Path(f"/proc/{w}").exists() and
+                 Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert not alive, f"workers {alive} outlived the runner"
+    finally:
+        for pid in _children(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.parametrize("name", ["stg", "annotate", "train", "eval", "demo", "experiment", "explain"])
+def test_every_command_meets_garbage_without_a_traceback(name, tmp_path):
+    from cattune.cli import COMMANDS
+
+    assert name in COMMANDS
+    junk = tmp_path / "junk.jsonl"
+    junk.write_bytes(b"\xff\xfe\x00garbage\n{not json\n")
+    for argv in (["--no-such-option", "x"], [str(junk), "--out", str(junk)]):
+        r = cli(name, *argv)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
