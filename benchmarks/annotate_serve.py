@@ -263,8 +263,10 @@ def analyse(records, output_path: Path, report: dict, exchanges: list[dict]) -> 
     Returns the measured figures and ``problems``: every way the run disagrees with the
     replies (empty when the pipeline did exactly what it should).
     """
-    from cattune.annotate.command import assign_ids
-    from cattune.annotate.llm import JSON_SCHEMA_FORMAT, ReplyError, check_annotation, format_record, parse_reply
+    from cattune.annotate.output import assign_ids
+    from cattune.annotate.llm import JSON_SCHEMA_FORMAT
+    from cattune.annotate.prompt import format_record
+    from cattune.annotate.replies import ReplyError, check_annotation, parse_reply
 
     problems: list[str] = []
     by_content = {format_record(r): i for i, r in enumerate(records)}

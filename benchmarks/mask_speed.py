@@ -75,7 +75,7 @@ def main(argv=None):
     results = []
     profile_text = None
     for kind in [k for k in args.tokenizers.split(",") if k]:
-        tok = train_tokenizer(texts, kind, vocab_size=1000)
+        tok = train_tokenizer(texts, kind, vocab_size=1000, individual_digits=True)
         for name, records in data.items():
             encode_pass(tok, records[:50], max_length, args.span_columns)  # warm-up
             enc, only = [], []

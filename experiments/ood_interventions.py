@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from cattune import stg
-from cattune.commands.common import load_model
+from cattune.models import load_model
 from cattune.evaluate import evaluate
 
 

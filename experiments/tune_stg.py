@@ -10,7 +10,7 @@ import argparse, json, time
 import torch
 
 from cattune import stg
-from cattune.commands.common import parse_layers
+from cattune.models import parse_layers
 from cattune.evaluate import evaluate
 from cattune.tiny import build
 from cattune.trainer import CATConfig, CATTrainer
@@ -46,48 +46,41 @@ p.add_argument("--max-grad-norm", type=float, default=1.0)
 p.add_argument("--untie", action="store_true", help="separate input and output embeddings")
 p.add_argument("--prompt-weight", type=float, default=0.0, help="add W * mean next-token CE over prompt tokens")
 a = p.parse_args()
-if a.spaced:
-    import cattune.tiny as _tiny
-    from tokenizers import pre_tokenizers as _pt
-
-    class _P:  # the byte-level regex alone: " 8" stays one pre-token
-        Digits = staticmethod(lambda individual_digits: _pt.Sequence([]))
-        ByteLevel, Sequence, Metaspace = _pt.ByteLevel, _pt.Sequence, _pt.Metaspace
-    _tiny.pre_tokenizers = _P
-if a.prompt_loss:
-    import cattune.trainer as _tr
-    _enc = _tr.encode_record
-
-    def _with_prompt(*args, **kw):
-        e = _enc(*args, **kw)
-        e.labels = [i if l == -100 else l for i, l in zip(e.input_ids, e.labels)]
-        return e
-    _tr.encode_record = _with_prompt
 torch.set_num_threads(a.threads)
 data = stg.generate(a.variant)
 val = stg.generate(a.variant, seed=7)
 a.split = a.split or ("train_M" if a.variant == "E" else "train")
 checker = "exact" if a.variant == "E" else "numeric"
 model, tok = build([r.text for r in data["train_L" if a.variant == "E" else "train"]], seed=a.seed, num_hidden_layers=a.layers,
-                   hidden_size=a.hidden, individual_digits=a.digits, intermediate_size=a.inter * a.hidden, attention_dropout=a.dropout,
+                   hidden_size=a.hidden, individual_digits=a.digits, split_numbers=not a.spaced, intermediate_size=a.inter * a.hidden, attention_dropout=a.dropout,
                    num_attention_heads=a.heads, num_key_value_heads=a.heads, tie_word_embeddings=not a.untie)
 args = CATConfig(output_dir="/tmp/tune", cat_gamma=a.gamma, cat_alpha=a.alpha, cat_span_columns=a.span, cat_loss=a.loss,
                  cat_gamma_decay=a.decay, cat_layers=parse_layers(a.cat_layers), num_train_epochs=a.epochs, per_device_train_batch_size=a.bs,
                  learning_rate=a.lr, weight_decay=a.wd, warmup_steps=a.warmup, lr_scheduler_type=a.sched,
                  label_smoothing_factor=a.label_smoothing, max_grad_norm=a.max_grad_norm,
                  save_strategy="no", logging_steps=50, report_to=[], disable_tqdm=True, use_cpu=True, seed=a.seed)
-Trainer = CATTrainer
-if a.prompt_weight:
-    class Trainer(CATTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+
+
+# The two options that are not CATConfig fields, through CATTrainer's own methods.
+class Trainer(CATTrainer):
+    def _encode(self, name, tokenizer, records, args):
+        data = super()._encode(name, tokenizer, records, args)
+        if a.prompt_loss:  # next-token loss on the prompt's tokens too: every position gets its label
+            for e in data.items:
+                e.labels = [i if l == -100 else l for i, l in zip(e.input_ids, e.labels)]
+        return data
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        total, out = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and a.prompt_weight:  # add W * mean next-token CE over prompt tokens
             ids, am, lab = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-            total, out = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            if model.training:
-                tgt, m = ids[:, 1:], am[:, 1:].bool() & lab[:, 1:].eq(-100)
-                lp = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), tgt.flatten(),
-                                                       reduction="none").view_as(tgt)
-                total = total + a.prompt_weight * (lp * m).sum() / m.sum().clamp(min=1)
-            return (total, out) if return_outputs else total
+            tgt, m = ids[:, 1:], am[:, 1:].bool() & lab[:, 1:].eq(-100)
+            lp = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), tgt.flatten(),
+                                                   reduction="none").view_as(tgt)
+            total = total + a.prompt_weight * (lp * m).sum() / m.sum().clamp(min=1)
+        return (total, out) if return_outputs else total
+
+
 t = time.time()
 Trainer(model=model, args=args, train_dataset=data[a.split], processing_class=tok).train()
 out = dict(vars(a), train_s=round(time.time() - t, 1))

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from cattune import cli
-from cattune.annotate import command
+from cattune.commands import annotate as command
 from cattune.records import RecordError
 
 FAST = ["--backoff-base", "0.01", "--backoff-max", "0.05", "--timeout", "1.0", "--no-progress"]
@@ -466,7 +466,7 @@ def test_check_loads_a_tokenizer_from_a_local_directory(tmp_path, capsys):
         rec["important"] = [{k: v} for k, v in answers[rec["input"]].items()]
     inp = tmp_path / "in.jsonl"
     write_jsonl(inp, records)
-    train_tokenizer([r["input"] + r["target"] for r in records], kind="metaspace", vocab_size=200).save_pretrained(tmp_path / "tok")
+    train_tokenizer([r["input"] + r["target"] for r in records], kind="metaspace", vocab_size=200, individual_digits=True).save_pretrained(tmp_path / "tok")
     assert annotate("--check", "--input", inp, "--tokenizer", tmp_path / "tok", "--json", "--strict") == 0
     result = json.loads(capsys.readouterr().out)
     assert (result["pairs"], result["aligned"], result["tokenizer"]) == (15, 15, str(tmp_path / "tok"))

@@ -23,7 +23,10 @@ import pytest
 from test_annotate import make_records, read_jsonl, write_jsonl
 
 from cattune import cli
-from cattune.annotate.llm import Redactor, ReplyError, make_client, parse_reply, resolve_file
+from cattune.annotate.llm import make_client
+from cattune.annotate.prompt import resolve_file
+from cattune.annotate.replies import ReplyError, parse_reply
+from cattune.annotate.secrets import Redactor
 
 FAST = ["--backoff-base", "0.01", "--backoff-max", "0.05", "--timeout", "5", "--no-progress"]
 KEY = "sk-test-echoed-9f3c2a7b"  # what the endpoint sees in Authorization

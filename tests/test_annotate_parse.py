@@ -4,21 +4,17 @@ import json
 
 import pytest
 
-from cattune.annotate.command import assign_ids, output_line, report_path_for
-from cattune.annotate.llm import (
+from cattune.annotate.output import assign_ids, output_line, report_path_for
+from cattune.annotate.prompt import build_messages, load_demos, load_instructions, read_records, resolve_file
+from cattune.annotate.replies import (
     KEY_NOT_FOUND,
     NO_VALUES,
     NOT_A_STRING,
     NOT_BEFORE,
     VALUE_NOT_FOUND,
     ReplyError,
-    build_messages,
     check_annotation,
-    load_demos,
-    load_instructions,
     parse_reply,
-    read_records,
-    resolve_file,
 )
 from cattune.masks import encode_record
 from cattune.records import Record, RecordError, record_from_json
@@ -107,10 +103,10 @@ def test_check_merges_repeated_keys_and_values():
 
 
 def test_kept_pairs_are_exactly_those_the_mask_builder_places():
-    tok = train_tokenizer([REC.text] * 3, vocab_size=300)
+    tok = train_tokenizer([REC.text] * 3, vocab_size=300, individual_digits=True)
     noisy = list(GOOD.items()) + [("12 shells", ["5 shells", "Lena"]), ("Lena", ["17"]), ("17", ["band"])]
     kept = check_annotation(REC, noisy).kept
-    encoded = encode_record(tok, Record(REC.prompt, REC.target, kept))
+    encoded = encode_record(tok, Record(REC.prompt, REC.target, kept), span_columns="all")
     assert encoded.n_pairs == sum(len(v) for _, v in kept) and not encoded.unaligned
 
 
@@ -121,9 +117,9 @@ def test_shipped_demos_are_valid_original_and_align_to_tokens():
     demos = load_demos("builtin:math")
     assert len(demos) >= 4
     for kind in ("bytelevel", "metaspace"):
-        tok = train_tokenizer([d.text for d in demos], kind=kind, vocab_size=300)
+        tok = train_tokenizer([d.text for d in demos], kind=kind, vocab_size=300, individual_digits=True)
         for demo in demos:
-            encoded = encode_record(tok, demo)
+            encoded = encode_record(tok, demo, span_columns="all")
             assert not encoded.unaligned, (kind, encoded.unaligned)
             assert any(key == demo.target for key, _ in demo.important)  # the answer is analysed
     svamp_words = ("Randy", "Danny", "wrappers", "bottle caps")

@@ -77,7 +77,7 @@ def test_demo_tiny(tmp_path):
 
 @pytest.mark.parametrize("value, expected", [("all", None), ("ALL", None), ("-1", [-1]), ("0,1", [0, 1])])
 def test_parse_layers(value, expected):
-    from cattune.commands.common import parse_layers
+    from cattune.models import parse_layers
 
     assert parse_layers(value) == expected
 
@@ -107,7 +107,7 @@ def test_broken_record_names_file_and_line(tmp_path):
 
 
 def test_format_ratio():
-    from cattune.commands.common import format_ratio
+    from cattune.text import format_ratio
 
     assert format_ratio(2.345) == "2.35" and format_ratio(9999.0) == "9999.00" and format_ratio(3.21e11) == "3.2e+11"
 
@@ -122,3 +122,45 @@ def test_train_refuses_an_output_it_cannot_write_before_training(tmp_path):
     # a place nobody can create a directory in, even root (a chmod'ed one would not stop root)
     r = cli("train", "--train", str(data), "--out", "/proc/cattune-test/run", "--max_steps", "1", "--use_cpu")
     assert r.returncode == 1 and "cannot write there" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_config_file_with_command_line_overrides(tmp_path):
+    from cattune.commands import train
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train: data.jsonl\nout: run/\nlearning_rate: 1e-3\ncat_layers: [-1]\nlora: 'true'\n"
+                   "num_train_epochs: 3\n")
+    parser = train.build_parser()
+    targs, config = train.parse(parser, ["--config", str(cfg), "--num_train_epochs", "1", "--alpha", "5"])
+    assert targs.train == "data.jsonl" and targs.lora is True
+    assert config.output_dir == "run/" and config.learning_rate == 1e-3 and config.cat_layers == [-1]
+    assert config.num_train_epochs == 1 and config.cat_alpha == 5.0  # the command line wins
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: data.jsonl\nout: run/\nlerning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="lerning_rate.*not a cattune train option"):
+        train.parse(train.build_parser(), ["--config", str(bad)])
+    bad.write_text("train: data.jsonl\nout: run/\nnum_train_epochs: many\n")
+    with pytest.raises(ValueError, match="num_train_epochs must be a number"):
+        train.parse(train.build_parser(), ["--config", str(bad)])
+
+
+def test_train_evaluates_during_training_and_keeps_the_best_checkpoint(tmp_path):
+    from cattune import stg
+    from cattune.records import save_records
+
+    splits = stg.generate("E")
+    save_records(tmp_path / "train.jsonl", splits["train_S"][:16])
+    save_records(tmp_path / "val.jsonl", splits["iid_test"][:8])
+    out = tmp_path / "run"
+    r = cli("train", "--train", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "val.jsonl"), "--out", str(out),
+            "--max_steps", "4", "--per_device_train_batch_size", "4", "--eval_strategy", "steps", "--eval_steps", "2",
+            "--save_strategy", "steps", "--save_steps", "2", "--metric_for_best_model", "accuracy",
+            "--load_best_model_at_end", "true", "--checker", "exact", "--report_to", "none", "--use_cpu",
+            "--disable_tqdm", "true")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "train_report.json").read_text())
+    evals = [h for h in report["log_history"] if "eval_accuracy" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    assert all("eval_attn_ratio" in h and "eval_loss_attn" in h for h in evals)
+    assert report["eval"]["accuracy"] == max(h["eval_accuracy"] for h in evals)

@@ -277,7 +277,7 @@ def test_math_experiment_with_a_local_model_directory(tmp_path):
     from cattune.tiny import train_tokenizer
 
     train = DATA / "svamp_train_annotated.jsonl"
-    tok = train_tokenizer([r.text for r in load_records(train)], "bytelevel", vocab_size=300)
+    tok = train_tokenizer([r.text for r in load_records(train)], "bytelevel", vocab_size=300, individual_digits=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**dict(TINY, vocab_size=len(tok)), bos_token_id=tok.bos_token_id,
                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
@@ -355,3 +355,19 @@ def test_only_some_seeds_arms_and_tasks(tmp_path, capsys):
     assert len(report.skipped) == 1 and len(report.planned) == 12
     assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--only-arms", "nope"]) == 1
     assert "no arm ['nope'] in the config" in capsys.readouterr().err
+
+
+def test_settings_hash_of_shipped_configs_is_stable():
+    """Finished runs in results.jsonl are matched by this hash: moving the tuned settings
+    into the demo recipe must not change it (values recorded before the move)."""
+    assert experiment.DEFAULT_TRAIN == {
+        "num_train_epochs": 30, "learning_rate": 1e-3, "per_device_train_batch_size": 16, "warmup_steps": 0.1,
+        "lr_scheduler_type": "cosine", "cat_alpha": 2000.0, "cat_gamma": 1.0, "cat_gamma_decay": 0.0,
+        "cat_layers": [-1], "cat_span_columns": "last_word", "logging_steps": 50}
+    cfg = load_config("builtin:stg")
+    hashes = {(t.label, arm): experiment.settings_hash(cfg, t, cfg.models[0], arm)
+              for t in cfg.tasks for arm in cfg.arms}
+    assert hashes[("STG_E_M", "baseline")] == "2cfd91de59c2" and hashes[("STG_E_M", "cat")] == "238bd83a1762"
+    assert hashes[("STG_H_L", "cat")] == "6f415d2e1368" and hashes[("STG_E_S", "placebo")] == "3710229510ba"
+    e_m = load_config(Path(__file__).resolve().parents[1] / "experiments" / "stg_e_m.yaml")
+    assert experiment.settings_hash(e_m, e_m.tasks[0], e_m.models[0], "cat") == "32c4aae090e3"

@@ -10,6 +10,8 @@ from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 from cattune.masks import collate, encode_record, find_occurrences
 from cattune.records import Record
 
+from conftest import HAVE_RELEASE
+
 # --- find_occurrences -------------------------------------------------------------------
 
 
@@ -62,7 +64,7 @@ HAND = Record(prompt="a b c a d :", target="b c", important=[("b c", ["a", "c a 
 
 
 def test_hand_record_all_columns(word_tok):
-    enc = encode_record(word_tok, HAND)
+    enc = encode_record(word_tok, HAND, span_columns="all")
     assert enc.input_ids == [BOS, A, B, C, A, D, COLON, B, C, EOS]
     assert enc.labels == [-100] * 7 + [B, C, EOS]
     # Key [2,4) predicted by rows 1,2: only a@1 precedes it. Key [7,9) predicted by rows
@@ -110,7 +112,7 @@ def test_last_word_keeps_every_token_of_a_decimal(tokenizers, annotated_corpus):
 
 
 def test_without_eos(word_tok):
-    enc = encode_record(word_tok, HAND, add_eos=False)
+    enc = encode_record(word_tok, HAND, add_eos=False, span_columns="all")
     assert enc.input_ids[-1] == C and enc.labels == [-100] * 7 + [B, C]
 
 
@@ -120,7 +122,7 @@ def test_unaligned_reasons(word_tok):
         target="b c",
         important=[("z", ["a"]), ("b c", ["zz"]), ("a", ["d"]), (":", ["b c"])],
     )
-    enc = encode_record(word_tok, record)
+    enc = encode_record(word_tok, record, span_columns="all")
     assert enc.unaligned == [
         ("z", "a", "key not found in text"),
         ("b c", "zz", "value not found in text"),
@@ -132,7 +134,7 @@ def test_unaligned_reasons(word_tok):
 
 def test_value_and_key_in_one_token(word_tok):
     # "c" ends before "d" starts, but "c:d" is a single token: no row can separate them.
-    enc = encode_record(word_tok, Record(prompt="c:d a ", target="b", important=[("d", ["c"]), ("b", ["c"])]))
+    enc = encode_record(word_tok, Record(prompt="c:d a ", target="b", important=[("d", ["c"]), ("b", ["c"])]), span_columns="all")
     assert enc.unaligned == [("d", "c", "value and key share a token")]
     assert enc.pairs == [(2, 1)]  # "b" (token 3) still attends to the token holding "c"
 
@@ -158,11 +160,11 @@ def test_value_and_key_in_one_token(word_tok):
     ],
 )
 def test_truncation_cuts_the_prompt_from_the_left(word_tok, max_length, ids, labels, pairs, unaligned):
-    enc = encode_record(word_tok, HAND, max_length=max_length)
+    enc = encode_record(word_tok, HAND, max_length=max_length, span_columns="all")
     assert enc.input_ids == ids and enc.labels == labels
     assert enc.truncated == (max_length < 10)
     if pairs is None:
-        pairs = set(encode_record(word_tok, HAND).pairs)
+        pairs = set(encode_record(word_tok, HAND, span_columns="all").pairs)
     assert set(enc.pairs) == pairs
     assert enc.unaligned == unaligned
 
@@ -190,7 +192,7 @@ def test_slow_tokenizer_is_a_clear_type_error():
             return chr(index)
 
     with pytest.raises(TypeError, match="slow tokenizer.*use_fast=True"):
-        encode_record(CharTokenizer(), HAND)
+        encode_record(CharTokenizer(), HAND, span_columns="all")
 
 
 def test_unknown_span_columns(word_tok):
@@ -397,7 +399,7 @@ def test_truncated_real_records_match_the_reference(tokenizers, annotated_corpus
             if kind == "metaspace":
                 assert enc.input_ids[0] == tok.bos_token_id
             cut_reasons += sum(u[2] == "cut by max_length" for u in enc.unaligned)
-    assert cut_reasons > 100
+    assert cut_reasons > (100 if HAVE_RELEASE else 2)  # the few records of tests/data cut fewer
 
 
 # --- collate ----------------------------------------------------------------------------
@@ -432,7 +434,7 @@ def check_batch(batch, encoded, padding_side, pad_id):
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_collate_by_hand(word_tok, padding_side):
     short = Record(prompt="d a :", target="b", important=[("b", ["a"])])  # <s> d a : b </s>
-    encoded = [encode_record(word_tok, HAND), encode_record(word_tok, short)]
+    encoded = [encode_record(word_tok, HAND, span_columns="all"), encode_record(word_tok, short, span_columns="all")]
     batch = collate(encoded, pad_token_id=2, padding_side=padding_side)
     check_batch(batch, encoded, padding_side, 2)
     if padding_side == "right":
@@ -450,15 +452,15 @@ def test_collate_by_hand(word_tok, padding_side):
 def test_collate_real_records(tokenizers, annotated_corpus, padding_side):
     tok = tokenizers["metaspace"]
     records = annotated_corpus["svamp"][:12]
-    encoded = [encode_record(tok, r) for r in records]
-    encoded.append(encode_record(tok, Record(prompt="no annotation ", target="1")))  # a record with no rows
+    encoded = [encode_record(tok, r, span_columns="all") for r in records]
+    encoded.append(encode_record(tok, Record(prompt="no annotation ", target="1"), span_columns="all"))  # a record with no rows
     batch = collate(encoded, tok.pad_token_id, padding_side)
     check_batch(batch, encoded, padding_side, tok.pad_token_id)
     assert sum(len(e.pairs) for e in encoded) == int(batch.causal.sum())
 
 
 def test_collate_without_any_supervision_and_empty(word_tok):
-    batch = collate([encode_record(word_tok, Record(prompt="a b", target="c"))], pad_token_id=2)
+    batch = collate([encode_record(word_tok, Record(prompt="a b", target="c"), span_columns="all")], pad_token_id=2)
     assert batch.rows.shape == (1, 0) and batch.causal.shape == (1, 0, 5)
     with pytest.raises(ValueError, match="empty batch"):
         collate([], pad_token_id=2)

@@ -10,6 +10,8 @@ import pytest
 
 from cattune.records import Record, RecordError, load_records, normalize_important, record_from_json, save_records
 
+from conftest import FIXTURE_DIR
+
 
 def write_lines(path, lines):
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -119,7 +121,7 @@ def test_released_svamp_round_trips_with_every_extra_field(tmp_path, data_dir):
     save_records(tmp_path / "out.jsonl", records)
     original = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines()]
     written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(written) == len(original) == 600
+    assert len(written) == len(original) and (len(original) == 600 or data_dir == FIXTURE_DIR)
     for before, after in zip(original, written):
         # The annotation is written in its normal form: a bare string value becomes a
         # one-element list (some SVAMP lines have them) and an empty one is left out.

@@ -180,7 +180,7 @@ def test_every_alignable_annotation_is_aligned(smollm2, annotated_corpus, chat_t
 def test_chat_template_labels_cover_the_answer_and_end_of_turn(smollm2):
     _, tok = smollm2
     record = Record(prompt="Smoking: 8\nAnswer: ", target="High Risk", important=[("High", ["8"])])
-    enc = encode_record(tok, record, chat_template=True)
+    enc = encode_record(tok, record, chat_template=True, span_columns="all")
     answer = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
     assert tok.decode(answer) == "High Risk<|im_end|>"
     assert enc.input_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")  # nothing after the end of turn
@@ -194,17 +194,17 @@ def test_chat_template_errors(smollm2, tokenizers):
     _, tok = smollm2
     record = Record(prompt="Smoking: 8\nAnswer: ", target="High Risk", important=[("High", ["8"])])
     with pytest.raises(ChatTemplateError, match="has no chat template"):
-        encode_record(tokenizers["bytelevel"], record, chat_template=True)
+        encode_record(tokenizers["bytelevel"], record, chat_template=True, span_columns="all")
     odd = copy.deepcopy(tok)
     odd.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'user' %}"
                          "{{ m.content | upper }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    enc = encode_record(odd, record, chat_template=True)
+    enc = encode_record(odd, record, chat_template=True, span_columns="all")
     assert not enc.pairs
     assert enc.unaligned == [("High", "8", "not in the chat template's rendering (the template rewrote the prompt)")]
     odd.chat_template = odd.chat_template.replace("{{ m.content }}", "{{ m.content | lower }}")
     with pytest.raises(ChatTemplateError, match="rewrote the answer"):
-        encode_record(odd, record, chat_template=True)
+        encode_record(odd, record, chat_template=True, span_columns="all")
 
 
 # --- training on the real model --------------------------------------------------------

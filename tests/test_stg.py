@@ -21,6 +21,20 @@ from cattune import stg
 from cattune.annotate import RuleAnnotator
 from cattune.records import Record, load_records, save_records
 
+from conftest import STG_E_FILES, STG_H_FILES
+
+
+# These tests compare with every record of the released files: without them they are
+# skipped (conftest.release_dir), rather than run on the few records in tests/data.
+@pytest.fixture(scope="module")
+def stg_e_released(release_dir):
+    return {split: load_records(release_dir / "stg_paper" / name) for split, name in STG_E_FILES.items()}
+
+
+@pytest.fixture(scope="module")
+def stg_h_released(release_dir):
+    return {split: load_records(release_dir / "stg_paper" / name) for split, name in STG_H_FILES.items()}
+
 
 @pytest.fixture(scope="module")
 def ours_e():

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from cattune import stg, tasks
+from cattune import sources, stg, tasks
+from cattune.experiment import placebo_records
 from cattune.masks import encode_record, find_occurrences
 from cattune.records import Record
 from cattune.tiny import train_tokenizer
@@ -99,9 +100,9 @@ def test_stg_tasks_generate_annotated_splits():
         e.load("train")
 
 
-def test_svamp_from_shared_files():
+def test_svamp_from_shared_files(release_dir):
     t = tasks.get_task("SVAMP").with_files(
-        {"train": str(DATA / "svamp_train_annotated.jsonl"), "test": str(DATA / "svamp_test.jsonl")})
+        {"train": str(release_dir / "svamp_train_annotated.jsonl"), "test": str(release_dir / "svamp_test.jsonl")})
     train, test = t.load("train"), t.load("test")
     assert len(train) == 600 and len(test) == 200
     assert sum(bool(r.important) for r in train) >= 590 and train[0].prompt.endswith("Answer: ")
@@ -113,14 +114,14 @@ def test_hub_task_offline_gives_clear_error(monkeypatch):
     def offline(name, config, split):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
 
-    monkeypatch.setattr(tasks, "_hub_load_dataset", offline)
+    monkeypatch.setattr(sources, "_hub_load_dataset", offline)
     with pytest.raises(tasks.TaskError) as err:
         tasks.get_task("GSM8K").load("test")
     msg = str(err.value)
     assert "openai/gsm8k" in msg and "network" in msg and "files:" in msg
     # files override only some splits: the others still come from the hub
     t = tasks.get_task("GSM8K").with_files({"train": str(DATA / "svamp_test.jsonl")})
-    assert len(t.load("train")) == 200
+    assert len(t.load("train")) == len((DATA / "svamp_test.jsonl").read_text().splitlines())
     with pytest.raises(tasks.TaskError, match="network"):
         t.load("test")
 
@@ -136,7 +137,7 @@ def test_hub_row_mapping_for_each_builtin(monkeypatch):
                             "answerKey": "2"},
     }
     seen = []
-    monkeypatch.setattr(tasks, "_hub_load_dataset", lambda n, c, s: (seen.append((n, c, s)), [rows[n]])[1])
+    monkeypatch.setattr(sources, "_hub_load_dataset", lambda n, c, s: (seen.append((n, c, s)), [rows[n]])[1])
     gsm = tasks.get_task("GSM8K").load("test")[0]
     assert gsm.prompt == "Natalia sold 48 clips. How many?\nAnswer: " and gsm.target.endswith("#### 72")
     sv = tasks.get_task("SVAMP").load("train")[0]
@@ -211,7 +212,8 @@ def test_mapping_errors_name_file_and_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def stg_e_tok():
-    return train_tokenizer([r.text for r in tasks.get_task("STG_E").load("train_L")[:400]], vocab_size=500)
+    return train_tokenizer([r.text for r in tasks.get_task("STG_E").load("train_L")[:400]], vocab_size=500,
+                           individual_digits=True)
 
 
 def _item_spans(prompt, names):
@@ -222,7 +224,7 @@ def test_stg_e_placebo_uses_unrelated_items_same_token_count(stg_e_tok):
     task = tasks.get_task("STG_E")
     records = task.load("train_S", limit=40)
     counts = {}
-    placebo = tasks.placebo_records(records, task, seed=3, tokenizer=stg_e_tok, counts=counts)
+    placebo = placebo_records(records, task, seed=3, tokenizer=stg_e_tok, counts=counts)
     assert counts["values"] == 120 and counts.get("dropped", 0) == 0 and counts["preferred"] == 80
     for r, p in zip(records, placebo):
         assert [k for k, _ in p.important] == [r.target] and len(p.important[0][1]) == 3
@@ -239,8 +241,8 @@ def test_stg_e_placebo_uses_unrelated_items_same_token_count(stg_e_tok):
                 assert len(fake.pairs) == len(real.pairs)
     assert all(r.important == task.load("train_S", limit=40)[i].important for i, r in enumerate(records))
     # the same seed gives the same placebo, another seed another one
-    again = tasks.placebo_records(records, task, seed=3, tokenizer=stg_e_tok)
-    other = tasks.placebo_records(records, "STG_E", seed=4, tokenizer=stg_e_tok)
+    again = placebo_records(records, task, seed=3, tokenizer=stg_e_tok)
+    other = placebo_records(records, "STG_E", seed=4, tokenizer=stg_e_tok)
     assert [p.important for p in again] == [p.important for p in placebo]
     assert [p.important for p in other] != [p.important for p in placebo]
 
@@ -249,7 +251,7 @@ def test_stg_h_placebo_avoids_causal_and_spurious_items():
     task = tasks.get_task("STG_H")
     records = task.load("train_S", limit=15)
     counts = {}
-    placebo = tasks.placebo_records(records, task, seed=0, counts=counts)
+    placebo = placebo_records(records, task, seed=0, counts=counts)
     assert counts["values"] == 90 and counts.get("dropped", 0) == 0 and counts["preferred"] >= 40
     names = [n for n, _ in (*stg.H_CAUSAL, *stg.H_SPURIOUS)]
     for r, p in zip(records, placebo):
@@ -264,7 +266,7 @@ def test_placebo_on_svamp_keeps_keys_and_moves_values(svamp_train, tokenizers):
     tok = tokenizers["bytelevel"]
     records = svamp_train[:60]
     counts = {}
-    placebo = tasks.placebo_records(records, "SVAMP", seed=0, tokenizer=tok, counts=counts)
+    placebo = placebo_records(records, "SVAMP", seed=0, tokenizer=tok, counts=counts)
     placed = counts["random"] + counts.get("relaxed", 0)
     assert placed >= 0.7 * counts["values"], counts
     for r, p in zip(records, placebo):
@@ -279,19 +281,19 @@ def test_placebo_on_svamp_keeps_keys_and_moves_values(svamp_train, tokenizers):
                 assert any(e <= k for k, _ in key_start)  # before an occurrence of its key
                 causal = [o for c in own[key] for o in find_occurrences(r.text, c)]
                 assert not any(a < e and s < b for a, b in causal)  # never this key's causal text
-        real, fake = encode_record(tok, r), encode_record(tok, p)
+        real, fake = encode_record(tok, r, span_columns="all"), encode_record(tok, p, span_columns="all")
         assert set(fake.rows) <= set(real.rows)
     # without a tokenizer the length is counted in words and punctuation marks
-    no_tok = tasks.placebo_records(records[:5], "SVAMP", seed=0)
+    no_tok = placebo_records(records[:5], "SVAMP", seed=0)
     assert all(p.important for p in no_tok)
 
 
 def test_placebo_generic_record_without_task():
     r = Record(prompt="The cat sat on the red mat near a big dog. Answer: ", target="mat",
                important=[("mat", ["red mat"])])
-    (p,) = tasks.placebo_records([r], None, seed=1)
+    (p,) = placebo_records([r], None, seed=1)
     (key, (value,)), = p.important
     assert key == "mat" and value != "red mat" and len(value.split()) == 2
     assert find_occurrences(r.text, value)[0][1] <= len(r.prompt)
-    rng_values = {tasks.placebo_records([r], None, seed=s)[0].important[0][1][0] for s in range(10)}
+    rng_values = {placebo_records([r], None, seed=s)[0].important[0][1][0] for s in range(10)}
     assert len(rng_values) >= 2

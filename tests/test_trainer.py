@@ -325,3 +325,37 @@ def test_saved_model_has_no_hub_token_and_uniform_file_modes(data, tmp_path):
     os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_evaluation_during_training_reports_accuracy_and_cat_terms(data, tmp_path):
+    # eval_accuracy by greedy decoding, as `cattune eval` computes it, picks the best
+    # checkpoint; eval_attn_ratio is the ratio `cattune eval` reports for the same layers.
+    from cattune.evaluate import causal_attention_ratio, evaluate
+
+    model, tok = make(data)
+    held_out = data["iid_test"][:24]
+    args = config(tmp_path, cat_gamma=1.0, cat_layers=[-1], max_steps=20, eval_strategy="steps", eval_steps=5,
+                  save_strategy="steps", save_steps=5, metric_for_best_model="accuracy", load_best_model_at_end=True,
+                  per_device_eval_batch_size=8)
+    trainer = CATTrainer(model=model, args=args, train_dataset=data["train_S"][:64], eval_dataset=held_out,
+                         processing_class=tok)
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [5, 10, 15, 20]
+    for h in evals:
+        assert 0 <= h["eval_accuracy"] <= 1 and math.isfinite(h["eval_loss_attn"]) and h["eval_attn_ratio"] > 0
+    best = max(evals, key=lambda h: h["eval_accuracy"])
+    assert trainer.state.best_metric == best["eval_accuracy"]
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    # The loaded best model gives that accuracy again, and the ratio matches `cattune eval`'s.
+    final = trainer.evaluate()
+    assert final["eval_accuracy"] == pytest.approx(best["eval_accuracy"])
+    assert evaluate(trainer.model, tok, held_out, layers=[-1], progress=False).accuracy == pytest.approx(
+        final["eval_accuracy"])
+    ratio = causal_attention_ratio(trainer.model, tok, held_out, layers=[-1])
+    assert final["eval_attn_ratio"] == pytest.approx(ratio, rel=1e-4)
+    # Other records at evaluate() time, given as records; accuracy can be switched off.
+    other = trainer.evaluate(data["ood_test"][:8], metric_key_prefix="ood")
+    assert "ood_accuracy" in other and "ood_attn_ratio" in other
+    trainer.args.eval_accuracy = False
+    assert "eval_accuracy" not in trainer.evaluate()

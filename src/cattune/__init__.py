@@ -1,6 +1,7 @@
 """cattune: Causal Attention Tuning for Hugging Face causal language models.
 
-Pipeline: records -> annotate -> masks -> attention -> loss -> trainer -> evaluate -> cli.
+Pipeline: records -> annotate -> masks -> attention -> loss -> trainer -> evaluate, with
+tasks and experiment above them; the command layer (cattune.commands, cattune.cli) on top.
 """
 
 from .records import Record, RecordError, load_records, save_records

@@ -1,7 +1,7 @@
 """``cattune`` command line: one sub-command per pipeline stage.
 
-Each command lives in the module that does the work and exposes ``build_parser()``
-(an ``argparse.ArgumentParser``) and ``run(args) -> int``; this file only dispatches.
+Each command is a module of ``cattune.commands`` with ``build_parser()`` (an
+``argparse.ArgumentParser``) and ``run(args) -> int``; this file only dispatches.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import sys
 # name -> (module, one-line description)
 COMMANDS = {
     "stg": ("cattune.commands.stg", "generate the Spurious Token Game benchmark (E or H) as JSONL files"),
-    "annotate": ("cattune.annotate.command", "write causal annotations with an assistant LLM or rules"),
+    "annotate": ("cattune.commands.annotate", "write causal annotations with an assistant LLM or rules"),
     "train": ("cattune.commands.train", "fine-tune a causal LM with CAT (or plain, with --cat_gamma 0)"),
     "eval": ("cattune.commands.eval", "evaluate a model on JSONL test sets: accuracy table and JSON"),
     "demo": ("cattune.commands.demo", "STG_E: plain fine-tuning vs CAT on the embedded tiny model, IID vs OOD"),
-    "experiment": ("cattune.experiment", "run a grid of tasks x models x {baseline, CAT, placebo} x seeds"),
-    "explain": ("cattune.explain", "attention heatmap of a record's answer rows, causal spans marked"),
+    "experiment": ("cattune.commands.experiment", "run a grid of tasks x models x {baseline, CAT, placebo} x seeds"),
+    "explain": ("cattune.commands.explain", "attention heatmap of a record's answer rows, causal spans marked"),
 }
 
 

@@ -184,7 +184,7 @@ def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: 
         attn = probe.result()
         a1, a0, counted = row_terms(attn, b.causal.to(device), visible_columns(rows, attn.shape[-1],
                                                                                b.attention_mask.to(device)))
-        n = int(counted.sum())
+        n = int((counted & (a0 > 0)).sum())  # the rows attention_ratio averages, as the training log counts them
         total += float(attention_ratio(a1, a0, counted)) * n
         count += n
     return total / count if count else None
@@ -193,7 +193,7 @@ def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: 
 def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = "exact", batch_size: int = 32,
              max_new_tokens: int | None = None, progress: bool = True, desc: str = "eval",
              span_columns: str = DEFAULT_SPAN_COLUMNS, layers: list[int] | None = None,
-             chat_template: bool = False, max_length: int | None = None) -> EvalResult:
+             chat_template: bool = False, max_length: int | None = None, attention: bool = True) -> EvalResult:
     """Accuracy of greedy answers on ``records`` plus per-record predictions.
 
     ``max_new_tokens`` defaults to the longest target's token count + 4. The attention
@@ -202,6 +202,7 @@ def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = 
     ``chat_template``: prompts go through the tokenizer's chat template, as in training.
     ``max_length``: tokens per record, prompt cut from the left as in training (default:
     the model's ``max_position_embeddings``); ``EvalResult.truncated`` counts the cuts.
+    ``attention=False`` skips the attention ratio (accuracy only).
     """
     if not records:
         raise ValueError("nothing to evaluate: the record list is empty")
@@ -221,7 +222,7 @@ def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = 
                                    progress=progress, desc=desc, chat_template=chat_template,
                                    max_length=max_length, stats=stats)
         ratio = causal_attention_ratio(model, tokenizer, records, batch_size, span_columns=span_columns, layers=layers,
-                                       chat_template=chat_template, max_length=max_length)
+                                       chat_template=chat_template, max_length=max_length) if attention else None
     finally:
         model.train(was_training)
     predictions = []

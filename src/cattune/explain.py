@@ -1,4 +1,4 @@
-"""``cattune explain``: where a model looks when it produces an answer.
+"""Where a model looks when it produces an answer.
 
 - :func:`explain_record` / :func:`plot_explanation`: a heatmap of the attention of the
   answer-producing rows (the positions that predict each answer token) over the prompt
@@ -9,27 +9,20 @@
   training steps, from a trainer's ``log_history``, a ``train_report.json`` of
   ``cattune train`` or a ``logs/RUN.json`` of ``cattune experiment``.
 
-Both write PNGs with matplotlib's Agg canvas (no display needed), atomically.
-
-    cattune explain --model out/model --data ood_test.jsonl --record 3 --out rec3.png
-    cattune explain --data STG_E:ood_test --model out/model --record 0 --out r0.png --use-prediction
-    cattune explain --log results/logs/E__tiny__cat__seed0.json --log results/logs/E__tiny__placebo__seed0.json \\
-        --out ratio.png --alpha 5
+Both write PNGs with matplotlib's Agg canvas (no display needed), atomically. The
+command is ``cattune explain`` (``cattune.commands.explain``).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .models import layers_option
-from .masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
+from .masks import DEFAULT_SPAN_COLUMNS
 from .records import Record, atomic_write_bytes
 
 CAUSAL_COLOR = "#d62728"
@@ -54,7 +47,11 @@ class Explanation:
 
     @property
     def ratio(self) -> float | None:
-        """Mean attention on causal columns / mean on the other prompt columns (a1/a0)."""
+        """Mean attention on causal columns / mean on the other prompt columns, over this
+        heatmap's cells (special tokens included): a ratio of means, for the title. The
+        ``attn_ratio`` of training logs, ``cattune eval`` and experiment summaries is
+        another number, the mean over rows of each row's a1/a0
+        (:func:`cattune.loss.attention_ratio`)."""
         import numpy as np
 
         w = np.asarray(self.weights)
@@ -95,7 +92,7 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
     from .attention import AttentionProbe, resolve_layers, use_row_probe
     from .evaluate import generate_answers
     from .masks import encode_record, render_prompt
-    from .trainer import prepare_tokenizer
+    from .models import prepare_tokenizer
 
     prepare_tokenizer(tokenizer)
     use_row_probe(model)
@@ -321,91 +318,3 @@ def plot_ratio_curve(source: Any, out_png: str | os.PathLike, alpha: float | Non
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_png(fig, out_png)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def load_data(spec: str) -> list[Record]:
-    """A JSONL file, or TASK:SPLIT from the task registry (e.g. STG_E:ood_test)."""
-    from .records import load_records
-    from .tasks import get_task
-
-    if Path(spec).exists() or ":" not in spec:
-        return load_records(spec)
-    task, split = spec.rsplit(":", 1)
-    return get_task(task).load(split)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Attention reports. With --model/--data: a heatmap PNG of the answer rows' attention over the "
-        "prompt tokens of one record (mean over layers and heads), causal spans marked. With --log: the "
-        "causal/non-causal attention ratio over training steps.",
-    )
-    p.add_argument("--out", required=True, help="PNG file to write")
-    heat = p.add_argument_group("heatmap of one record")
-    heat.add_argument("--model", help="model directory (or hub id) with its tokenizer")
-    heat.add_argument("--data", help="JSONL records (paper format) or TASK:SPLIT (e.g. STG_E:ood_test)")
-    heat.add_argument("--record", type=int, default=0, help="0-based index of the record (default: 0)")
-    heat.add_argument("--use-prediction", action="store_true",
-                      help="rows producing the model's own greedy answer instead of the target")
-    heat.add_argument("--span-columns", choices=SPAN_COLUMNS, default=None,
-                      help="value tokens marked causal; default: as the model was trained (its cattune.json), "
-                      f"else {DEFAULT_SPAN_COLUMNS}")
-    heat.add_argument("--layers", type=layers_option, default=None,
-                      help="average only these layers, comma-separated (0 = first, -1 = last; write a list as "
-                      "--layers=-2,-1) or 'all'; default: the layers the model was trained on (cattune.json), else all")
-    heat.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
-                      help="render the record through the tokenizer's chat template; default: as the model "
-                      "was trained (cattune.json), else off")
-    heat.add_argument("--show-special", action="store_true", help="also show BOS and other special tokens")
-    heat.add_argument("--json", metavar="FILE", help="also write the numbers (tokens, weights, columns) as JSON")
-    heat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")
-    curve = p.add_argument_group("attention ratio over training")
-    curve.add_argument("--log", action="append", metavar="FILE",
-                       help="train_report.json or an experiment logs/RUN.json; repeat to overlay curves")
-    curve.add_argument("--alpha", type=float, help="draw the target ratio alpha")
-    return p
-
-
-def run(args) -> int:
-    from .files import check_distinct_paths, check_writable_file
-
-    check_distinct_paths(inputs={"--data": [args.data], "--log": args.log or []},
-                         outputs={"--out": [args.out], "--json": [args.json]})
-    for option, path in (("--out", args.out), ("--json", args.json)):
-        if path:
-            check_writable_file(path, option)  # before a model loads
-    if args.log:
-        if args.model or args.data:
-            raise ValueError("give either --log (ratio curve) or --model/--data (heatmap), not both")
-        source = {Path(f).stem: f for f in args.log} if len(args.log) > 1 else args.log[0]
-        path = plot_ratio_curve(source, args.out, alpha=args.alpha)
-        print(f"wrote {path}")
-        return 0
-    if not args.model or not args.data:
-        raise ValueError("a heatmap needs --model and --data (or give --log for a ratio curve)")
-    records = load_data(args.data)
-    if not 0 <= args.record < len(records):
-        raise ValueError(f"--record {args.record} is out of range: {args.data} has {len(records)} records")
-    from .models import load_model, training_settings
-
-    settings = training_settings(args.model, chat_template=args.chat_template, span_columns=args.span_columns,
-                                 layers=args.layers)
-    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    expl = explain_record(model, tok, records[args.record], use_prediction=args.use_prediction,
-                          span_columns=settings["span_columns"], record_index=args.record, layers=settings["layers"],
-                          chat_template=settings["chat_template"])
-    path = plot_explanation(expl, args.out, show_special=args.show_special)
-    if args.json:
-        from .records import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(expl.to_json(), ensure_ascii=False) + "\n")
-    if expl.unaligned:
-        print(f"note: {len(expl.unaligned)} annotated pair(s) could not be placed: {expl.unaligned[:3]}",
-              file=sys.stderr)
-    ratio = expl.ratio
-    print(f"wrote {path}: target {expl.target!r}, prediction {expl.prediction!r}"
-          + (f", causal/other attention {ratio:.2f}" if ratio is not None else ""))
-    return 0

@@ -30,8 +30,7 @@ import torch
 from .records import Record
 
 SPAN_COLUMNS = ("all", "last", "last_word")
-# What the trainer, evaluation, explain and the CLI use unless told otherwise. This
-# module's own functions keep the paper's "all", the plain mapping of an annotation.
+# What every caller uses unless told otherwise, encode_record included (docs/defaults.md).
 DEFAULT_SPAN_COLUMNS = "last_word"
 
 
@@ -271,7 +270,7 @@ def encode_record(
     tokenizer,
     record: Record,
     max_length: int | None = None,
-    span_columns: str = "all",
+    span_columns: str = DEFAULT_SPAN_COLUMNS,
     add_eos: bool = True,
     chat_template: bool = False,
 ) -> EncodedRecord:

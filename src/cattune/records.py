@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .text import scalar_text
+
 Annotation = list[tuple[str, list[str]]]
 logger = logging.getLogger(__name__)
 
@@ -58,17 +60,9 @@ class Record:
 
 
 def _format_target(value: Any) -> str:
-    if isinstance(value, bool):
-        raise TypeError("a boolean")
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise TypeError("a non-finite number")
-        return repr(value)
-    raise TypeError(f"a {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TypeError("a non-finite number")
+    return scalar_text(value)
 
 
 def normalize_important(raw: Any) -> Annotation:

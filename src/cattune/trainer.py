@@ -1,4 +1,5 @@
-"""CATConfig and CATTrainer: the Hugging Face Trainer plus one idea, the Re-Attention loss.
+"""CATTrainer: the Hugging Face Trainer plus one idea, the Re-Attention loss (its settings:
+``cattune.config.CATConfig``).
 
 loss = CE(answer tokens) + gamma(t) * L_attn, with L_attn computed on the attention rows
 that produce annotated keys (docs/method.md section 3). With ``cat_gamma=0`` the loss is
@@ -9,16 +10,17 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 from transformers.utils import logging
 
 from .attention import AttentionProbe, resolve_layers, use_row_probe
-from .loss import LOSS_KINDS, attention_ratio, counted_rows, row_loss, row_terms, visible_columns
-from .masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS, EncodedRecord, collate, encode_record
+from .config import CATConfig
+from .loss import attention_ratio, counted_rows, row_loss, row_terms, visible_columns
+from .masks import EncodedRecord, collate, encode_record
+from .models import lora_model, prepare_tokenizer, write_training_info  # noqa: F401  (lora_model: public here too)
 from .records import Record, record_from_json
 
 logger = logging.get_logger(__name__)
@@ -26,133 +28,6 @@ logger = logging.get_logger(__name__)
 
 class CATTrainingError(RuntimeError):
     pass
-
-
-@dataclass
-class CATConfig(TrainingArguments):
-    r"""Configuration for [`CATTrainer`]: every `TrainingArguments` field plus CAT's own.
-
-    Parameters:
-        > Re-Attention loss
-
-        cat_alpha (`float`, *optional*, defaults to `2.0`):
-            A supervised row is satisfied when its mean attention on causal columns is at
-            least `cat_alpha` times its mean attention on the other visible columns.
-        cat_gamma (`float`, *optional*, defaults to `1.0`):
-            Weight of the Re-Attention loss. `0` trains plain supervised fine-tuning (the
-            baseline).
-        cat_gamma_decay (`float`, *optional*, defaults to `1.0`):
-            gamma(t) = cat_gamma * exp(-cat_gamma_decay * t), as in the paper's release.
-        cat_gamma_decay_unit (`str`, *optional*, defaults to `"epoch"`):
-            What t counts: completed `"epoch"`s (the paper) or optimizer `"step"`s.
-        cat_loss (`str`, *optional*, defaults to `"div"`):
-            Per-row loss: `"div"`, `"div2"`, `"nll"` or `"hinge"`.
-        cat_span_columns (`str`, *optional*, defaults to `"last_word"`):
-            Which tokens of an annotated value span become causal columns: `"last_word"`
-            (the tokens of the span's last word: "8" of "Smoking: 8", all of "41.9%"),
-            `"last"` (the span's last token only) or `"all"` (every token, the paper's
-            choice). In a left-to-right model the "Smoking:" before the value cannot carry
-            it, yet attention on it satisfies the loss: README, "Spans to columns".
-        cat_layers (`list[int]`, *optional*):
-            Decoder layers whose attention the loss averages (0 = the first, -1 = the
-            last). Default: every layer, as in the paper. A model's first layer sees only
-            token identities and positions, so it cannot tell the "8" of "Smoking: 8" from
-            any other "8"; in a model of a few layers, asking it to attend to causal values
-            makes it read every number (README, "Choosing alpha and the layers").
-        cat_allow_unsupervised (`bool`, *optional*, defaults to `False`):
-            With `cat_gamma > 0` and no training record keeping a supervised row, training
-            would silently be plain fine-tuning: an error unless this is set. Fewer than
-            half the records keeping one gives a warning (also in `cat_warnings`).
-
-        > Data
-
-        max_length (`int`, *optional*, defaults to `256`):
-            Longer records lose prompt tokens from the left; the count is logged.
-        answer_logits_only (`bool`, *optional*, defaults to `False`):
-            Project onto the vocabulary only the hidden states that predict a label token
-            (`logits_to_keep` with a boolean mask): the loss is the same, the LM head's cost
-            drops from every position to the few answer positions.
-        chat_template (`bool`, *optional*, defaults to `False`):
-            Train through the tokenizer's chat template: a record's input is the user turn,
-            its target the assistant turn; the loss covers the assistant turn and its
-            end-of-turn token. Use it for instruct models; evaluation renders prompts the
-            same way. Saved models record it (`cattune.json`), so `cattune eval` follows.
-    """
-
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Where checkpoints and the final model go.", "aliases": ["--out"]}
-    )
-    cat_alpha: float = field(
-        default=2.0, metadata={"help": "Target ratio of causal to other attention.", "aliases": ["--alpha"]}
-    )
-    cat_gamma: float = field(
-        default=1.0, metadata={"help": "Weight of the Re-Attention loss; 0 = plain fine-tuning.", "aliases": ["--gamma"]}
-    )
-    cat_gamma_decay: float = field(default=1.0, metadata={"help": "gamma(t) = cat_gamma * exp(-decay * t)."})
-    cat_gamma_decay_unit: str = field(
-        default="epoch", metadata={"help": "Unit of t in the decay.", "choices": ["epoch", "step"]}
-    )
-    cat_loss: str = field(default="div", metadata={"help": "Per-row loss.", "choices": list(LOSS_KINDS)})
-    cat_span_columns: str = field(
-        default=DEFAULT_SPAN_COLUMNS,
-        metadata={"help": "Value tokens that become causal columns.", "choices": list(SPAN_COLUMNS)},
-    )
-    cat_allow_unsupervised: bool = field(
-        default=False,
-        metadata={"help": "Train even when no training record keeps a supervised row (no annotation aligns): the "
-                  "Re-Attention loss then never acts and CAT is plain fine-tuning. Without it that is an error."},
-    )
-    cat_layers: list[int] | None = field(
-        default=None,
-        metadata={"help": "Layers whose attention the loss averages (0 = first, -1 = last); default all, as in the paper."},
-    )
-    max_length: int = field(default=256, metadata={"help": "Maximum tokens per record (prompt cut from the left)."})
-    answer_logits_only: bool = field(
-        default=False,
-        metadata={"help": "Compute the LM head (logits over the vocabulary) only at the positions that predict a "
-                  "label token: the same loss, less compute when the vocabulary is large (SmolLM2's output layer is "
-                  "about a fifth of its multiply-adds per token)."},
-    )
-    chat_template: bool = field(
-        default=False,
-        metadata={"help": "Render each record through the tokenizer's chat template (input = user turn, "
-                  "target = assistant turn); for instruct models."},
-    )
-    report_to: None | str | list[str] = field(
-        default="auto",
-        metadata={"help": "Where logs go: 'auto' = TensorBoard when installed, else none; or any "
-                  "TrainingArguments value ('none', 'tensorboard', 'wandb', ...)."},
-    )
-    # Trainer defaults that suit this data: our collator needs every field it gets.
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the causal-structure fields."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-
-    def __post_init__(self):
-        if self.report_to == "auto":
-            import importlib.util
-
-            self.report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
-        super().__post_init__()
-        if self.cat_loss not in LOSS_KINDS:
-            raise ValueError(f"cat_loss must be one of {LOSS_KINDS}, got {self.cat_loss!r}")
-        if self.cat_span_columns not in SPAN_COLUMNS:
-            raise ValueError(f"cat_span_columns must be one of {SPAN_COLUMNS}, got {self.cat_span_columns!r}")
-        if self.cat_gamma_decay_unit not in ("epoch", "step"):
-            raise ValueError(f"cat_gamma_decay_unit must be 'epoch' or 'step', got {self.cat_gamma_decay_unit!r}")
-        if isinstance(self.cat_layers, int) and not isinstance(self.cat_layers, bool):
-            self.cat_layers = [self.cat_layers]
-        if self.cat_layers is not None and not (
-            isinstance(self.cat_layers, (list, tuple))
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in self.cat_layers)
-        ):
-            raise ValueError(f"cat_layers must be a list of layer indices (e.g. [-1]) or None, got {self.cat_layers!r}")
-        for name in ("cat_alpha", "cat_gamma", "cat_gamma_decay"):
-            if not math.isfinite(getattr(self, name)):  # nan would compare False everywhere and switch CAT off
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.cat_gamma < 0 or self.cat_alpha <= 0:
-            raise ValueError("cat_gamma must be >= 0 and cat_alpha > 0")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2 (a prompt token and an answer token), got {self.max_length}")
 
 
 def to_records(data) -> list[Record]:
@@ -221,16 +96,6 @@ class CATCollator:
         }
 
 
-def prepare_tokenizer(tokenizer):
-    """A pad token is needed for batching: fall back to EOS, as most causal-LM recipes do."""
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token first")
-        logger.warning("tokenizer has no pad token: using its EOS token %r for padding", tokenizer.eos_token)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 class CATTrainer(Trainer):
     """`transformers.Trainer` with the Re-Attention loss.
 
@@ -264,8 +129,10 @@ class CATTrainer(Trainer):
             raise ValueError("the training set is empty")
         encoded_train = self._encode("train", tokenizer, train_records, args) if train_records else None
         encoded_eval = None
+        self._eval_records: list[Record] = []  # decoded for eval_accuracy
         if eval_dataset is not None:
-            encoded_eval = self._encode("eval", tokenizer, to_records(eval_dataset), args)
+            self._eval_records = to_records(eval_dataset)
+            encoded_eval = self._encode("eval", tokenizer, self._eval_records, args)
         use_row_probe(model)
         self.cat_layers = resolve_layers(model, args.cat_layers)
         if args.answer_logits_only:
@@ -279,6 +146,8 @@ class CATTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=encoded_train, eval_dataset=encoded_eval,
                          processing_class=tokenizer, **kwargs)
         self._cat_metrics: dict[str, list[tuple[float, int]]] = defaultdict(list)
+        self._cat_eval_metrics: dict[str, list[tuple[float, int]]] = defaultdict(list)
+        self._eval_records_now = self._eval_records
         self._cat_step_rows: int | None = None  # counted rows of the current optimizer step
 
     def train(self, *args, **kwargs):
@@ -345,12 +214,11 @@ class CATTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.pop("cat_rows", None)
         causal = inputs.pop("cat_causal", None)
-        if not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-        gamma = self.cat_gamma_now()
+        training = model.training
+        # In eval mode the loss is the answer's CE (eval_loss); CAT's terms are measured beside it.
+        gamma = self.cat_gamma_now() if training else 0.0
         supervised = rows is not None and rows.numel() > 0
-        if self.args.answer_logits_only and "labels" in inputs:
+        if training and self.args.answer_logits_only and "labels" in inputs:
             # The loss only reads the logits that predict labels: project those alone and
             # hand the loss their targets (the model's loss takes shift_labels as given).
             shifted = torch.nn.functional.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
@@ -381,7 +249,7 @@ class CATTrainer(Trainer):
             visible = visible_columns(rows, attn.shape[-1], inputs.get("attention_mask"))
             a1, a0, counted = row_terms(attn, causal, visible)
             l_sum = row_loss(a1, a0, counted, self.args.cat_alpha, self.args.cat_loss, reduction="sum")
-            step_rows = self._cat_step_rows
+            step_rows = self._cat_step_rows if training else None
             if step_rows is None:  # compute_loss called outside the training loop
                 step_rows, ga_rows = int(counted.sum()), 1
             else:  # the step's count covers every micro-batch; undo the Trainer's division by ga
@@ -393,6 +261,11 @@ class CATTrainer(Trainer):
             n_ok = int((counted & (a0.detach() > 0)).sum())
             values["loss_attn"] = (l_sum.detach().item(), int(counted.sum()))
             values["attn_ratio"] = (attention_ratio(a1.detach(), a0.detach(), counted).item() * n_ok, n_ok)
+        if not training:
+            for k in ("loss_attn", "attn_ratio"):
+                if k in values:
+                    self._cat_eval_metrics[k].append(values[k])
+            return (total, outputs) if return_outputs else total
         # Only the losses stop training; the ratio is a diagnostic and may be huge.
         if not all(math.isfinite(values[k][0]) for k in ("loss_ce", "loss_attn") if k in values):
             step = self.state.global_step + 1
@@ -405,6 +278,52 @@ class CATTrainer(Trainer):
         for k, pair in values.items():
             self._cat_metrics[k].append(pair)
         return (total, outputs) if return_outputs else total
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The Trainer's evaluation plus ``eval_accuracy``, ``eval_loss_attn`` and
+        ``eval_attn_ratio``. ``eval_dataset`` may be records (or a ``datasets.Dataset``
+        with input/target/important), as for training."""
+        records = self._eval_records
+        if eval_dataset is not None and not isinstance(eval_dataset, EncodedDataset):
+            records = to_records(eval_dataset)
+            eval_dataset = self._encode(metric_key_prefix, self.processing_class, records, self.args)
+        self._eval_records_now = records
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._eval_records_now = self._eval_records
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        self._cat_eval_metrics.clear()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        metrics = dict(output.metrics)
+        sums = [[sum(p[i] for p in self._cat_eval_metrics.get(k, ())) for i in (0, 1)]
+                for k in ("loss_attn", "attn_ratio")]
+        records = self._eval_records_now
+        if self.args.eval_accuracy and records:
+            # Every process decodes its own share of the records; the counts are summed.
+            share = records[self.args.process_index::self.args.world_size]
+            correct = 0
+            if share:
+                from .evaluate import evaluate as decode_and_check
+
+                res = decode_and_check(self.model, self.processing_class, share, checker=self.args.eval_checker,
+                                       batch_size=self.args.per_device_eval_batch_size, progress=False,
+                                       span_columns=self.args.cat_span_columns, layers=self.args.cat_layers,
+                                       chat_template=self.args.chat_template, max_length=self.args.max_length,
+                                       attention=False)
+                correct = res.correct
+            sums.append([correct, len(share)])
+        totals = torch.tensor(sums, dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        for key, (num, den) in zip(("loss_attn", "attn_ratio", "accuracy"), totals.tolist()):
+            if den > 0:
+                metrics[f"{metric_key_prefix}_{key}"] = round(num / den, 6)
+        self._cat_eval_metrics.clear()
+        return output._replace(metrics=metrics)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -427,8 +346,6 @@ class CATTrainer(Trainer):
         finally:
             self.args.hub_token = token
         if self.args.should_save:
-            from .models import write_training_info
-
             directory = output_dir or self.args.output_dir
             write_training_info(directory, self.args, base_model=self.base_model)
             _uniform_modes(directory)
@@ -460,19 +377,6 @@ def _uniform_modes(directory: str) -> None:
     for path in Path(directory).iterdir():
         if path.is_file() and not path.name.startswith("."):
             os.chmod(path, 0o666 & ~umask)
-
-
-def lora_model(model, r: int = 64, alpha: int = 32, dropout: float = 0.1,
-               target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")):
-    """Wrap a model in PEFT LoRA with the release's setting (r=64, alpha=32, dropout 0.1)."""
-    from peft import LoraConfig, get_peft_model
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [m for m in target_modules if m in present]
-    if not targets:
-        raise ValueError(f"none of the LoRA target modules {target_modules} exist in this model")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
 
 
 def end_distributed() -> None:

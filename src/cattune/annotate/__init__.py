@@ -1,27 +1,18 @@
 """Causal signals: word-level annotations "when producing KEY, look at VALUE".
 
 ``rules``: programmatic annotation for data whose causal graph is known.
-``llm``: an assistant LLM annotates from a few human-written demos.
-``command``: ``cattune annotate``, the resumable pipeline over a JSONL file, and the
-token alignment check.
+``llm``: an assistant LLM annotates from a few human-written demos (its prompt in
+``prompt``, the reading of its replies in ``replies``, secrets kept out in ``secrets``).
+``pipeline``: a JSONL file through an annotator, resumably (``output``), and the token
+alignment check. The command is ``cattune.commands.annotate``.
 """
 
-from .command import annotate_file, check_alignment
-from .llm import (
-    EndpointError,
-    LLMAnnotator,
-    Outcome,
-    Redactor,
-    ReplyError,
-    RequestFailed,
-    build_messages,
-    check_annotation,
-    load_demos,
-    load_instructions,
-    make_client,
-    parse_reply,
-)
+from .llm import EndpointError, LLMAnnotator, Outcome, RequestFailed, make_client
+from .pipeline import annotate_file, check_alignment
+from .prompt import build_messages, load_demos, load_instructions
+from .replies import ReplyError, check_annotation, parse_reply
 from .rules import RuleAnnotator, load_rules
+from .secrets import Redactor
 
 __all__ = [
     "RuleAnnotator", "load_rules",

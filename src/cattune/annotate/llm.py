@@ -1,13 +1,7 @@
 """Assistant-LLM annotation: a chat model annotates records from a few human-written demos.
 
-The prompt is a system message (our fixed rules plus the task's instructions), then
-each demo as a user turn (the record) and an assistant turn (its annotation as JSON),
-then the record to annotate. The model answers ``{KEY: [VALUE, ...]}``.
-
-A reply is never trusted: ``parse_reply`` digs the JSON out of whatever came back and
-``check_annotation`` keeps only the pairs that the mask builder can use (KEY and VALUE
-occur in ``input + target`` as whole words, with an occurrence of VALUE ending before
-an occurrence of KEY), using the same ``find_occurrences`` as ``cattune.masks``.
+The prompt (``prompt``), the reading of replies (``replies``) and the redaction of
+secrets (``secrets``) have modules of their own; this one sends the requests.
 
 Any OpenAI-compatible chat endpoint works (OpenAI, vLLM, Ollama, GLM, ...), through the
 official ``openai`` client. Its built-in retries are switched off (``max_retries=0``):
@@ -37,29 +31,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
-from typing import Any, Callable, Iterable
-from urllib.parse import parse_qsl, quote, quote_plus, unquote_plus, urlsplit, urlunsplit
+from typing import Any, Callable
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from ..masks import find_occurrences
-from ..records import Annotation, Record, RecordError, iter_records
-
-SYSTEM_PROMPT = """\
-You annotate training records for Causal Attention Tuning. A record is a prompt \
-("input") followed by its answer ("target"); a language model reads the text \
-input + target from left to right. For spans of that text (KEYS) you list the earlier \
-spans (VALUES) that a careful reader must look at to produce the KEY.
-
-Rules:
-- Reply with a single JSON object {"KEY": ["VALUE", ...], ...} and nothing else.
-- Copy every KEY and VALUE character for character from input + target: same \
-spelling, case, spacing and number format.
-- Every VALUE must occur in the text before its KEY.
-"""
-
-# Reply fields that wrap the annotation instead of being a KEY of it.
-_WRAPPERS = ("important", "annotation", "annotations")
+from ..records import Annotation, Record
+from .prompt import build_messages
+from .replies import ReplyError, check_annotation, parse_reply, preview
+from .secrets import PLACEHOLDER_KEY, Redactor
 
 # Endpoint answers that no retry can fix: a wrong key, model or URL. The run stops.
 _FATAL_STATUS = (401, 403, 404)
@@ -87,351 +65,11 @@ JSON_SCHEMA_FORMAT: dict[str, Any] = {
 # is not supported", "structured outputs are not available for this model", ...
 _FORMAT_REFUSAL = re.compile(r"response[_ ]?format|json[_ ]?schema|structured[_ ]output", re.I)
 
-# Sent when no key is set: local servers ignore it, so it is no secret.
-PLACEHOLDER_KEY = "EMPTY"
 
 # Nothing listens at the base URL (closed port, unknown host): a setup error, so only a
 # few quick retries, enough to ride out a server restart, and never the long backoff.
 CONNECT_RETRIES = 2
 CONNECT_BACKOFF_MAX = 0.5
-
-
-# --------------------------------------------------------------------------- secrets
-
-REDACTED = "***"
-# Query parameters that carry credentials: Azure's api-key, Google's key, tokens, signatures.
-_SECRET_PARAM = re.compile(r"key|token|secret|passw|sig", re.I)
-# Shorter "secrets" would mangle ordinary words in messages and protect nothing.
-_MIN_SECRET = 4
-
-
-def _is_secret_param(part: str) -> bool:
-    """Whether ``name=value``, one part of a query, holds a credential."""
-    name, _, value = part.partition("=")
-    return bool(value) and bool(_SECRET_PARAM.search(unquote_plus(name)))
-
-
-def _secret_params(url: str) -> list[str]:
-    """The raw values of ``url``'s query parameters whose name says they are credentials."""
-    return [part.partition("=")[2] for part in urlsplit(url).query.split("&") if _is_secret_param(part)]
-
-
-def redact_url(url: str) -> str:
-    """``url`` with the values of credential query parameters and any password replaced."""
-    parts = urlsplit(url)
-    query = [f"{part.partition('=')[0]}={REDACTED}" if _is_secret_param(part) else part
-             for part in parts.query.split("&")]
-    netloc = parts.netloc
-    if parts.password:
-        userinfo, _, host = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"
-    return urlunsplit(parts._replace(netloc=netloc, query="&".join(query)))
-
-
-class Redactor:
-    """Replaces known secrets in text with ``***`` before it is printed, logged or written."""
-
-    def __init__(self, secrets: Iterable[str] = ()):
-        found: set[str] = set()
-        for secret in secrets:
-            if isinstance(secret, str) and len(secret) >= _MIN_SECRET:
-                # An echo may carry the key as sent in a URL, or decoded from one.
-                found.update({secret, quote(secret, safe=""), quote_plus(secret), unquote_plus(secret)})
-        self.secrets = sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
-
-    @classmethod
-    def for_endpoint(cls, api_key: Any, base_url: Any = None, query: dict[str, Any] | None = None) -> "Redactor":
-        """The secrets of an endpoint: the API key, and credentials in the base URL or its query."""
-        secrets = [api_key] if isinstance(api_key, str) and api_key != PLACEHOLDER_KEY else []
-        if base_url:
-            base_url = str(base_url)
-            secrets += _secret_params(base_url)
-            secrets.append(urlsplit(base_url).password or "")
-        secrets += [str(v) for k, v in (query or {}).items() if _SECRET_PARAM.search(str(k))]
-        return cls(secrets)
-
-    @classmethod
-    def for_client(cls, client: Any) -> "Redactor":
-        query = getattr(client, "default_query", None)
-        return cls.for_endpoint(getattr(client, "api_key", None), getattr(client, "base_url", None),
-                                query if isinstance(query, dict) else None)
-
-    def __call__(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return text
-
-    def url(self, url: str) -> str:
-        return self(redact_url(url))
-
-
-# --------------------------------------------------------------------------- files
-
-
-def resolve_file(spec: str | os.PathLike, kind: str) -> Path:
-    """A user's path, or ``builtin:NAME`` for a file shipped with cattune.
-
-    ``kind`` is ``"demos"`` (``NAME_demos.jsonl``) or ``"instructions"``
-    (``NAME_instructions.md``).
-    """
-    spec = str(spec)
-    if not spec.startswith("builtin:"):
-        path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file ({kind})")
-        return path
-    name = spec[len("builtin:") :]
-    suffix = {"demos": "jsonl", "instructions": "md"}[kind]
-    shipped = resources.files("cattune") / "resources" / "annotate"
-    path = Path(str(shipped / f"{name}_{kind}.{suffix}"))
-    if not path.is_file():
-        known = sorted(p.name.split("_")[0] for p in Path(str(shipped)).glob(f"*_{kind}.{suffix}"))
-        raise FileNotFoundError(f"no shipped {kind} named {name!r}; shipped: {', '.join(known) or 'none'}")
-    return path
-
-
-def load_instructions(spec: str | os.PathLike) -> str:
-    text = resolve_file(spec, "instructions").read_text(encoding="utf-8").strip()
-    if not text:
-        raise ValueError(f"{spec}: the instructions file is empty")
-    return text
-
-
-def load_demos(spec: str | os.PathLike) -> list[Record]:
-    """Read the human-written demos; every pair must pass ``check_annotation``.
-
-    A demo with a pair the pipeline would drop teaches the model to produce it, so a
-    bad demo is an error (file:line and the pair), not a warning.
-    """
-    path = resolve_file(spec, "demos")
-    demos = []
-    for lineno, record in read_records(path):
-        if not record.important:
-            raise RecordError(f"{path}:{lineno}: a demo needs a non-empty 'important'")
-        checked = check_annotation(record, record.important)
-        if checked.dropped or checked.repaired:
-            key, value, reason = (checked.dropped or [("?", "?", "needs repair (spacing or case)")])[0]
-            raise RecordError(f"{path}:{lineno}: demo pair {key!r} <- {value!r}: {reason}")
-        demos.append(record)
-    if not demos:
-        raise ValueError(f"{path}: no demos in the file")
-    return demos
-
-
-def read_records(path: str | os.PathLike) -> list[tuple[int, Record]]:
-    """``(line number, Record)`` for every non-blank line: ids and messages need the line."""
-    return list(iter_records(path, with_lines=True))
-
-
-# --------------------------------------------------------------------------- prompt
-
-
-def _as_object(annotation: Annotation) -> dict[str, list[str]]:
-    merged: dict[str, list[str]] = {}
-    for key, values in annotation:
-        bucket = merged.setdefault(key, [])
-        bucket.extend(v for v in values if v not in bucket)
-    return merged
-
-
-def format_record(record: Record) -> str:
-    # JSON strings make leading/trailing spaces and quotes in the text unambiguous.
-    body = json.dumps({"input": record.prompt, "target": record.target}, ensure_ascii=False)
-    return f"Record:\n{body}"
-
-
-def build_messages(record: Record, demos: list[Record], instructions: str = "") -> list[dict[str, str]]:
-    system = SYSTEM_PROMPT if not instructions else f"{SYSTEM_PROMPT}\n{instructions}"
-    messages = [{"role": "system", "content": system}]
-    for demo in demos:
-        messages.append({"role": "user", "content": format_record(demo)})
-        messages.append({"role": "assistant", "content": json.dumps(_as_object(demo.important), ensure_ascii=False)})
-    messages.append({"role": "user", "content": format_record(record)})
-    return messages
-
-
-# --------------------------------------------------------------------------- replies
-
-
-class ReplyError(ValueError):
-    """The model's reply holds no JSON annotation we can read."""
-
-
-_FENCE = re.compile(r"```[\w+-]*[ \t]*\n?(.*?)```", re.S)
-_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
-
-
-def _raw_pairs(obj: Any) -> list[tuple[Any, Any]] | None:
-    """The (key, values) items of an accepted reply shape, or None for another shape."""
-    if isinstance(obj, dict):
-        if len(obj) == 1:
-            (name, inner), = obj.items()
-            wrapped = isinstance(inner, dict) or (isinstance(inner, list) and inner and isinstance(inner[0], dict))
-            if name in _WRAPPERS and wrapped:
-                return _raw_pairs(inner)
-        return list(obj.items())
-    if isinstance(obj, list) and all(isinstance(item, dict) for item in obj):
-        return [pair for item in obj for pair in item.items()]
-    return None
-
-
-def _preview(text: Any) -> str:
-    return repr(str(text).strip()[:80])
-
-
-def reply_text(content: Any) -> str | None:
-    """The text of a message's ``content``: a string, or the text parts of a list of parts.
-
-    The client does not check the type, so a server can hand back anything here; what
-    is not text is a ``ReplyError`` for this record, not a crash of the run.
-    """
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
-        texts = [text for text in texts if isinstance(text, str)]
-        if not texts:
-            raise ReplyError(f"message content has no text part: {_preview(json.dumps(content, default=str))}")
-        return "".join(texts)
-    shown = json.dumps(content, default=str)
-    raise ReplyError(f"message content is {type(content).__name__}, not text: {_preview(shown)}")
-
-
-def parse_reply(text: str | list | None) -> list[tuple[Any, Any]]:
-    """The (key, values) pairs of a reply, unchecked; ``ReplyError`` when there are none.
-
-    Accepts a bare JSON object, one inside a fenced code block, one with text before or
-    after it, a list of one-key objects, and a ``{"important": ...}`` wrapper. Reasoning
-    models' ``<think>...</think>`` preambles are skipped. ``text`` may also be a list of
-    content parts (``[{"type": "text", "text": ...}, ...]``): their text is the reply.
-    """
-    text = reply_text(text)
-    if text is None or not text.strip():
-        raise ReplyError("empty reply")
-    text = _THINK.sub("", text)
-    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    decoder = json.JSONDecoder()
-    for candidate in candidates:
-        candidate = candidate.strip()
-        try:
-            pairs = _raw_pairs(json.loads(candidate))
-        except json.JSONDecodeError:
-            pairs = None
-        if pairs is not None:
-            return pairs
-        # Text around the JSON: try each opening bracket until one decodes to a known shape.
-        starts = [i for i, c in enumerate(candidate) if c in "{["][:200]
-        for i in starts:
-            try:
-                obj, _ = decoder.raw_decode(candidate, i)
-            except json.JSONDecodeError:
-                continue
-            pairs = _raw_pairs(obj)
-            if pairs is not None:
-                return pairs
-    raise ReplyError(f"no JSON object in the reply: {text.strip()[:80]!r}")
-
-
-# --------------------------------------------------------------------------- validation
-
-NOT_A_STRING = "not a string"
-KEY_NOT_FOUND = "key not found in text"
-VALUE_NOT_FOUND = "value not found in text"
-NOT_BEFORE = "value not before key"
-NO_VALUES = "key without values"
-
-
-@dataclass
-class Checked:
-    kept: Annotation
-    dropped: list[tuple[str, str, str]] = field(default_factory=list)  # (key, value, reason)
-    repaired: int = 0  # spans kept after fixing spacing or case
-
-
-def _as_text(x: Any) -> str | None:
-    if isinstance(x, str):
-        return x
-    if isinstance(x, bool):
-        return None
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        return repr(x)
-    return None
-
-
-def _locate(text: str, span: str) -> tuple[str, list[tuple[int, int]]] | None:
-    """The spelling of ``span`` found in ``text`` and its occurrences, or None.
-
-    Models often add surrounding spaces or change case; those are repaired to the
-    text's own spelling, anything else is not guessed at.
-    """
-    if span and (occ := find_occurrences(text, span)):
-        return span, occ
-    stripped = span.strip()
-    if not stripped:
-        return None
-    if stripped != span and (occ := find_occurrences(text, stripped)):
-        return stripped, occ
-    lowered = text.lower()
-    if len(lowered) == len(text):  # case folding kept character positions
-        for start, end in find_occurrences(lowered, stripped.lower()):
-            spelling = text[start:end]
-            if occ := find_occurrences(text, spelling):
-                return spelling, occ
-    return None
-
-
-def check_annotation(record: Record, pairs: list[tuple[Any, Any]], dedupe: bool = True) -> Checked:
-    """Keep the pairs the mask builder can place; report every other one with a reason.
-
-    A pair is kept when KEY and VALUE occur in ``record.text`` (whole words, as in
-    ``cattune.masks``) and some occurrence of VALUE ends before some occurrence of KEY
-    starts. Repeated keys are merged; a repeated value is kept once unless ``dedupe``
-    is False (rules list one value per matched item, even when two items print alike).
-    """
-    text = record.text
-    merged: dict[str, list[str]] = {}
-    checked = Checked(kept=[])
-    for raw_key, raw_values in pairs:
-        values = raw_values if isinstance(raw_values, list) else [raw_values]
-        key = _as_text(raw_key)
-        shown_values = [v if isinstance(v, str) else json.dumps(v) for v in values] or [""]
-        if key is None:
-            checked.dropped += [(json.dumps(raw_key), v, NOT_A_STRING) for v in shown_values]
-            continue
-        if not values:
-            checked.dropped.append((key, "", NO_VALUES))
-            continue
-        found_key = _locate(text, key)
-        if found_key is None:
-            checked.dropped += [(key, v, KEY_NOT_FOUND) for v in shown_values]
-            continue
-        if found_key[0] != key:
-            checked.repaired += 1
-        key, key_occ = found_key
-        last_key_start = max(start for start, _ in key_occ)
-        for raw_value, shown in zip(values, shown_values):
-            value = _as_text(raw_value)
-            if value is None:
-                checked.dropped.append((key, shown, NOT_A_STRING))
-                continue
-            found = _locate(text, value)
-            if found is None:
-                checked.dropped.append((key, value, VALUE_NOT_FOUND))
-                continue
-            spelling, value_occ = found
-            if min(end for _, end in value_occ) > last_key_start:
-                checked.dropped.append((key, value, NOT_BEFORE))
-                continue
-            if spelling != value:
-                checked.repaired += 1
-            bucket = merged.setdefault(key, [])
-            if not dedupe or spelling not in bucket:
-                bucket.append(spelling)
-    checked.kept = [(k, vs) for k, vs in merged.items() if vs]
-    return checked
-
 
 # --------------------------------------------------------------------------- requests
 
@@ -562,13 +200,13 @@ def _message_content(response: Any, redact: Callable[[str], str]) -> Any:
     it, and a cut could leave half a secret where the whole one would have been replaced.
     """
     if isinstance(response, str):  # the client hands back a non-JSON body (text/plain, HTML) as it is
-        raise ReplyError(f"reply was not JSON: {_preview(redact(response))}")
+        raise ReplyError(f"reply was not JSON: {preview(redact(response))}")
     if not hasattr(response, "choices"):  # JSON, but a list or a scalar
-        raise ReplyError(f"reply is not a chat completion: {_preview(redact(json.dumps(response, default=str)))}")
+        raise ReplyError(f"reply is not a chat completion: {preview(redact(json.dumps(response, default=str)))}")
     choices = response.choices
     if not isinstance(choices, list) or not choices:
         shown = response.to_dict() if callable(getattr(response, "to_dict", None)) else response
-        raise ReplyError(f"reply has no choices: {_preview(redact(json.dumps(shown, default=str)))}")
+        raise ReplyError(f"reply has no choices: {preview(redact(json.dumps(shown, default=str)))}")
     message = getattr(choices[0], "message", None)
     if message is None:
         raise ReplyError("reply has no message in its first choice")
@@ -779,7 +417,7 @@ class LLMAnnotator:
             except json.JSONDecodeError as e:
                 # A 200 that says JSON but is not (a proxy's page, a cut body): this reply is
                 # bad, the endpoint may still be fine.
-                raise ReplyError(f"reply was not JSON ({e.msg}): {_preview(self.redact(e.doc))}") from None
+                raise ReplyError(f"reply was not JSON ({e.msg}): {preview(self.redact(e.doc))}") from None
             else:
                 outcome.add_usage(getattr(response, "usage", None))
                 return _message_content(response, self.redact)

@@ -1,14 +1,29 @@
-"""Tables, JSON output and output-path checks shared by the commands (model loading lives in
-cattune.models)."""
+"""What several commands share: tables and JSON files as they print and write them, and
+the options that say how records are encoded for a model."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-from ..files import check_distinct_paths, check_writable_dir, check_writable_file  # noqa: F401  (re-exported)
-from ..models import load_model, parse_layers  # noqa: F401  (the commands import them from here)
+from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
+from ..models import layers_option
 from ..records import atomic_write_text
+
+
+def add_training_settings_options(group, measured: str) -> None:
+    """--span-columns, --layers and --chat-template, each defaulting to how the model was
+    trained (its cattune.json), so that a saved model is read as it was trained."""
+    group.add_argument("--span-columns", choices=SPAN_COLUMNS, default=None,
+                       help=f"value tokens counted as causal {measured}; default: as the model was trained "
+                       f"(its cattune.json), else {DEFAULT_SPAN_COLUMNS}")
+    group.add_argument("--layers", type=layers_option, default=None,
+                       help=f"layers whose attention {measured} averages: 'all' or indices (0 = first, -1 = last; "
+                       "write a list as --layers=-2,-1); default: the model's cat_layers (cattune.json), else all")
+    group.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                       help="prompts through the tokenizer's chat template; default: as the model was trained "
+                       "(cattune.json), else off")
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
@@ -21,9 +36,3 @@ def format_table(header: list[str], rows: list[list]) -> str:
 
 def write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def format_ratio(x: float) -> str:
-    """An attention ratio for a table: a layer that looks only at the causes drives a0
-    towards 0 and the ratio past 1e10."""
-    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"

@@ -1,121 +1,149 @@
 """cattune demo: plain fine-tuning vs CAT on the Spurious Token Game, IID vs OOD.
 
-Generates STG_E (seed 42: the paper's released files), trains the embedded tiny Llama
-on train_M twice per seed (gamma 0 = baseline, then CAT), evaluates both on iid_test
-and ood_test, prints the table and writes results.json and a bar chart. ``--variants E,H``
-adds STG_H (exact integer answers, trained on its 3000 records).
-The STG_E defaults were chosen on validation sets generated with seed 7 (experiments/).
-STG_H's epochs were set for time; its CAT setting is the paper's (alpha 2, gamma
-decaying per epoch), the least bad of those tried on its seed-7 validation sets.
+Runs the demo recipe (``builtin:demo``: src/cattune/resources/experiments/demo.yaml)
+through the experiment runner: STG_E (seed 42: the paper's released files), the embedded
+tiny Llama trained on train_M twice per seed (gamma 0 = baseline, then CAT), both
+evaluated on iid_test and ood_test; then prints the table and writes results.json and
+the charts. ``--variants E,H`` adds STG_H (exact integer answers, its 3000 records).
+Every option's default is the recipe's; the recipe says where its settings come from.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
-from .common import check_writable_dir, format_table, parse_layers, write_json
+from ..experiment import RESULTS, RunSpec, parse_config, read_results, resolve_config_path, run_experiment
+from ..files import check_writable_dir
+from ..masks import SPAN_COLUMNS
+from ..models import parse_layers
+from ..records import load_config_file
+from .common import format_table, write_json
 
+RECIPE = "builtin:demo"
 ARMS = ("baseline", "cat")
+VARIANTS = ("E", "H")
+# The demo's ratio chart wants the same number of points whatever the run length.
+LOG_POINTS = 0.02
+
+
+def _recipe() -> tuple[Path, dict]:
+    path = resolve_config_path(RECIPE)
+    return path, load_config_file(path)
+
+
+def _entry(recipe: dict, variant: str) -> dict:
+    return next(t for t in recipe["tasks"] if t["label"] == f"STG_{variant}")
+
+
+def _layers_text(layers: list[int] | None) -> str:
+    return "all" if layers is None else ",".join(str(i) for i in layers)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    _, recipe = _recipe()
+    train, e, h = recipe["train"], _entry(recipe, "E"), _entry(recipe, "H")
+    e_args, h_args = {**train, **e.get("train_args", {})}, {**train, **h.get("train_args", {})}
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " Everything runs on CPU with the embedded model, no download.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", default="demo_out",
                    help="output directory: results.json, demo.png (accuracy), ratio_STG_*.png (attention ratio "
-                   "during training), attention_STG_*.png (heatmaps of an OOD record), the models")
-    p.add_argument("--seeds", type=int, default=1, help="training seeds per arm (the table shows mean and range)")
+                   "during training), attention_STG_*.png (heatmaps of an OOD record), the models, and the "
+                   "experiment runner's results.jsonl, summary.md and logs/")
+    p.add_argument("--seeds", type=int, default=recipe["seeds"],
+                   help="training seeds per arm (the table shows mean and range)")
     p.add_argument("--variants", default="E", help="STG variants, comma-separated: E, H or E,H")
-    p.add_argument("--split", default="train_M", choices=["train_S", "train_M", "train_L"],
+    p.add_argument("--split", default=e["train"], choices=["train_S", "train_M", "train_L"],
                    help="STG_E training split (STG_H trains on its 3000 records)")
-    p.add_argument("--epochs", type=float, default=30, help="STG_E training epochs")
-    p.add_argument("--h-epochs", type=float, default=10, help="STG_H training epochs")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (cosine schedule, 10%% warm-up)")
-    p.add_argument("--batch-size", type=int, default=16, help="per-step batch size")
-    p.add_argument("--gamma", type=float, default=1.0, help="CAT arm: Re-Attention loss weight")
-    p.add_argument("--alpha", type=float, default=2000.0,
+    p.add_argument("--epochs", type=float, default=e_args["num_train_epochs"], help="STG_E training epochs")
+    p.add_argument("--h-epochs", type=float, default=h_args["num_train_epochs"], help="STG_H training epochs")
+    p.add_argument("--lr", type=float, default=train["learning_rate"],
+                   help="learning rate (cosine schedule, 10%% warm-up)")
+    p.add_argument("--batch-size", type=int, default=train["per_device_train_batch_size"], help="per-step batch size")
+    p.add_argument("--gamma", type=float, default=train["cat_gamma"], help="CAT arm: Re-Attention loss weight")
+    p.add_argument("--alpha", type=float, default=e_args["cat_alpha"],
                    help="CAT arm on STG_E: target causal/other attention ratio (of the --layers' average)")
-    p.add_argument("--gamma-decay", type=float, default=0.0, help="CAT arm on STG_E: gamma decay per epoch")
-    p.add_argument("--layers", type=parse_layers, default="-1",
+    p.add_argument("--gamma-decay", type=float, default=e_args["cat_gamma_decay"],
+                   help="CAT arm on STG_E: gamma decay per epoch")
+    p.add_argument("--layers", type=parse_layers, default=_layers_text(e_args["cat_layers"]),
                    help="CAT arm on STG_E: decoder layers whose attention the loss averages, comma-separated "
                    "(0 = first, -1 = last), or 'all' (the paper); write a list as --layers=-2,-1")
-    p.add_argument("--h-alpha", type=float, default=2.0, help="CAT arm on STG_H: alpha")
-    p.add_argument("--h-gamma-decay", type=float, default=1.0, help="CAT arm on STG_H: gamma decay per epoch")
-    p.add_argument("--h-layers", type=parse_layers, default="all", help="CAT arm on STG_H: layers, as --layers")
-    p.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
+    p.add_argument("--h-alpha", type=float, default=h_args["cat_alpha"], help="CAT arm on STG_H: alpha")
+    p.add_argument("--h-gamma-decay", type=float, default=h_args["cat_gamma_decay"],
+                   help="CAT arm on STG_H: gamma decay per epoch")
+    p.add_argument("--h-layers", type=parse_layers, default=_layers_text(h_args["cat_layers"]),
+                   help="CAT arm on STG_H: layers, as --layers")
+    p.add_argument("--span-columns", choices=SPAN_COLUMNS, default=train["cat_span_columns"],
                    help="value tokens that become causal columns ('all' = the paper's whole span)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int, default=recipe["threads"],
                    help="torch CPU threads; the tiny model's ops are too small to gain from more (0: torch's default)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N records of each split (quick checks)")
     return p
 
 
-# variant -> (split whose text trains the tokenizer, answer checker)
-VARIANTS = {"E": ("train_L", "exact"), "H": ("train", "numeric")}
+def demo_config(args, variants: list[str]):
+    """The recipe with the command line's settings: an ``ExperimentConfig``."""
+    path, recipe = _recipe()
+    data = copy.deepcopy(recipe)
+    data["seeds"] = args.seeds
+    data["threads"] = args.threads or None
+    data["save_models"] = True  # `cattune explain --model OUT/STG_E_cat_seed0`
+    data["train"].update(learning_rate=args.lr, per_device_train_batch_size=args.batch_size, cat_gamma=args.gamma,
+                         cat_span_columns=args.span_columns, logging_steps=LOG_POINTS, use_cpu=True)
+    per_variant = {
+        "E": {"train": args.split, "num_train_epochs": args.epochs, "cat_alpha": args.alpha,
+              "cat_gamma_decay": args.gamma_decay, "cat_layers": args.layers},
+        "H": {"num_train_epochs": args.h_epochs, "cat_alpha": args.h_alpha, "cat_gamma_decay": args.h_gamma_decay,
+              "cat_layers": args.h_layers},
+    }
+    tasks = []
+    for variant in variants:
+        entry = copy.deepcopy(_entry(recipe, variant))
+        settings = dict(per_variant[variant])
+        entry["train"] = settings.pop("train", entry["train"])
+        entry["train_args"] = {**entry.get("train_args", {}), **settings}
+        if args.limit:
+            entry["train_limit"] = entry["test_limit"] = args.limit
+        tasks.append(entry)
+    data["tasks"] = tasks
+    return parse_config(data, path)
 
 
-def variant_settings(variant: str, args) -> dict:
-    """The command-line settings of one STG variant: split, epochs, alpha, gamma decay, layers."""
-    if variant == "E":
-        return {"split": args.split, "epochs": args.epochs, "alpha": args.alpha, "decay": args.gamma_decay,
-                "layers": args.layers}
-    return {"split": "train", "epochs": args.h_epochs, "alpha": args.h_alpha, "decay": args.h_gamma_decay,
-            "layers": args.h_layers}
+def _runs(out: Path, results: list[dict], config) -> list[dict]:
+    """The runner's result lines in the demo's own form (results.json)."""
+    runs = []
+    for r in results:
+        entry = next(t for t in config.tasks if t.label == r["task"])
+        history = json.loads((out / r["log"]).read_text(encoding="utf-8"))["log_history"]
+        run = {"variant": r["task"].removeprefix("STG_"), "arm": r["arm"], "seed": r["seed"],
+               "train_split": entry.train_split, "train_seconds": r["train_seconds"], "log_history": history}
+        for split in ("iid_test", "ood_test"):
+            run[split] = r["tests"][split]["accuracy"]
+            run[f"{split}_attention_ratio"] = r["tests"][split]["attention_ratio"]
+        if r.get("attention_plot"):
+            run["attention_plot"] = f"attention_{r['task']}_{r['arm']}.png"
+            shutil.copyfile(out / r["attention_plot"], out / run["attention_plot"])
+        runs.append(run)
+    return runs
 
 
-def train_arm(variant: str, arm: str, seed: int, data: dict, args, out: Path) -> dict:
-    from ..evaluate import evaluate
-    from ..tiny import build
-    from ..trainer import CATConfig, CATTrainer
-
-    corpus, checker = VARIANTS[variant]
-    settings = variant_settings(variant, args)
-    model, tokenizer = build([r.text for r in data[corpus]], seed=seed)
-    config = CATConfig(
-        output_dir=str(out / f"STG_{variant}_{arm}_seed{seed}"),
-        cat_gamma=args.gamma if arm == "cat" else 0.0,
-        cat_alpha=settings["alpha"],
-        cat_gamma_decay=settings["decay"],
-        cat_layers=settings["layers"],
-        cat_span_columns=args.span_columns,
-        num_train_epochs=settings["epochs"],
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        warmup_steps=0.1,
-        lr_scheduler_type="cosine",
-        save_strategy="no",
-        logging_steps=0.02,  # 50 points on any run length
-        report_to=[],
-        use_cpu=True,
-        seed=seed,
-    )
-    t = time.time()
-    trainer = CATTrainer(model=model, args=config, train_dataset=data[settings["split"]], processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(config.output_dir)
-    result = {"variant": variant, "arm": arm, "seed": seed, "train_split": settings["split"],
-              "train_seconds": round(time.time() - t, 1), "log_history": trainer.state.log_history}
-    for split in ("iid_test", "ood_test"):
-        res = evaluate(model, tokenizer, data[split], checker=checker, span_columns=args.span_columns,
-                       layers=settings["layers"],
-                       desc=f"STG_{variant} {arm} seed {seed} {split}")
-        result[split] = res.accuracy
-        result[f"{split}_attention_ratio"] = res.attention_ratio
-    if seed == 0:  # where the model looks on an OOD record
-        from ..explain import plot_record
-
-        path = plot_record(model, tokenizer, data["ood_test"][0], out / f"attention_STG_{variant}_{arm}.png",
-                           title=f"STG_{variant} {arm}, OOD record 0", span_columns=args.span_columns, record_index=0,
-                           layers=settings["layers"])
-        result["attention_plot"] = path.name
-    return result
+def _keep_models(out: Path, results: list[dict]) -> None:
+    # Where the demo has always put them (README: `cattune explain --model demo_out/STG_E_cat_seed0`).
+    for r in results:
+        run_id = RunSpec(r["task"], r["model"], r["arm"], int(r["seed"])).run_id
+        source, target = out / "models" / run_id, out / f"{r['task']}_{r['arm']}_seed{r['seed']}"
+        if source.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            source.replace(target)
+    if (out / "models").is_dir() and not any((out / "models").iterdir()):
+        (out / "models").rmdir()
 
 
 def summarize(runs: list[dict]) -> list[list]:
@@ -158,12 +186,6 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from .. import stg
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
     variants = [v.strip().upper() for v in args.variants.split(",") if v.strip()]
@@ -172,16 +194,14 @@ def run(args) -> int:
         raise ValueError(f"--variants takes E, H or E,H; got {args.variants!r}")
     out = Path(args.out)
     check_writable_dir(out, "--out")
-    runs: list[dict] = []
+    config = demo_config(args, variants)
     started = time.time()
-    for variant in variants:
-        data = stg.generate(variant, seed=42)
-        if args.limit:
-            data = {name: records[: args.limit] for name, records in data.items()}
-        for seed in range(args.seeds):
-            for arm in ARMS:
-                print(f"[{time.time() - started:6.0f}s] training {arm}, seed {seed} on STG_{variant}", file=sys.stderr)
-                runs.append(train_arm(variant, arm, seed, data, args, out))
+    # The demo trains afresh every time: the runner would keep runs finished under other options.
+    (out / RESULTS).unlink(missing_ok=True)
+    run_experiment(config, out=out, progress=True)
+    results, _ = read_results(out / RESULTS)
+    runs = _runs(out, results, config)
+    _keep_models(out, results)
     table = format_table(["benchmark", "arm", "test set", "seeds", "accuracy", "range"], summarize(runs))
     print(table)
     settings = {k: v for k, v in vars(args).items()}
@@ -193,8 +213,9 @@ def run(args) -> int:
     written = ["results.json", "demo.png"]
     for variant in variants:
         first = {r["arm"]: r["log_history"] for r in runs if r["variant"] == variant and r["seed"] == 0}
-        curve = plot_ratio_curve(first, out / f"ratio_STG_{variant}.png",
-                                 alpha=variant_settings(variant, args)["alpha"],
+        entry = next(t for t in config.tasks if t.label == f"STG_{variant}")
+        alpha = {**config.train, **entry.train_args}["cat_alpha"]
+        curve = plot_ratio_curve(first, out / f"ratio_STG_{variant}.png", alpha=alpha,
                                  title=f"STG_{variant}: causal/other attention during training, seed 0")
         written += [curve.name] + [r["attention_plot"] for r in runs if r["variant"] == variant and r["seed"] == 0]
     print(f"wrote {', '.join(str(out / w) for w in written)} ({time.time() - started:.0f}s)")

@@ -7,11 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from ..evaluate import CHECKERS, evaluate
+from ..files import check_distinct_paths, check_writable_file
+from ..models import load_model, training_settings
 from ..records import load_records
-from ..models import layers_option, load_model, training_settings
-from .common import check_distinct_paths, check_writable_file, format_ratio, format_table, write_json
+from ..text import format_ratio
+from .common import add_training_settings_options, format_table, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,15 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checker", choices=sorted(CHECKERS), default="exact", help="answer checker")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest target + 4 tokens")
-    p.add_argument("--span-columns", choices=SPAN_COLUMNS, default=None,
-                   help="value tokens counted as causal for the attention ratio; default: as the model was trained "
-                   f"(its cattune.json), else {DEFAULT_SPAN_COLUMNS}")
-    p.add_argument("--layers", type=layers_option, default=None,
-                   help="layers whose attention the ratio averages: 'all' or indices such as -1 (write a list as "
-                   "--layers=-2,-1); default: the model's cat_layers (cattune.json), else all")
-    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
-                   help="prompts through the tokenizer's chat template; default: as the model was trained "
-                   "(cattune.json), else off")
+    add_training_settings_options(p, "in the attention ratio")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per record, prompt cut from the left as in training; default: as the model was "
                    "trained (cattune.json), else the model's max_position_embeddings")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import stg
 from ..records import save_records
-from .common import check_writable_dir
+from ..files import check_writable_dir
 
 
 def build_parser() -> argparse.ArgumentParser:

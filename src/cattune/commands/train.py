@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from ..records import load_records
+from ..records import load_config_file, load_records
 from ..trainer import CATConfig, CATTrainer, end_distributed, lora_model
-from .common import check_distinct_paths, check_writable_dir, load_model, write_json
+from ..fields import typed_fields
+from ..files import check_distinct_paths, check_writable_dir
+from ..models import load_model
+from .common import write_json
+
+CONFIG_HINT = """\
+Options can come from a file: `cattune train --config run.yaml --num_train_epochs 1`, with
+run.yaml holding e.g. {train: data/train_M.jsonl, out: run/, cat_alpha: 2000.0, cat_layers: [-1]}."""
 
 LAUNCH_HINT = """\
 Several GPUs or processes: the same command runs under torchrun or accelerate, e.g.
@@ -24,7 +32,8 @@ FSDP / DeepSpeed: pass --fsdp / --deepspeed CONFIG as for any Trainer (docs/dist
 class TrainArguments:
     train: str = field(metadata={"help": "Training records (JSONL: input, target, important)."})
     eval: str | None = field(
-        default=None, metadata={"help": "Held-out records: accuracy after training (on the main process)."}
+        default=None, metadata={"help": "Held-out records: accuracy after training (on the main process), and the "
+                                "eval_dataset of --eval_strategy steps/epoch (eval_accuracy, eval_attn_ratio, ...)."}
     )
     model: str | None = field(
         default=None,
@@ -37,7 +46,6 @@ class TrainArguments:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the release: 32)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (the release: 0.1)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub repository."})
-    checker: str = field(default="exact", metadata={"help": "Answer checker for --eval: exact, numeric, gsm8k, mc."})
     skip_invalid: bool = field(
         default=False, metadata={"help": "Leave out broken records (reported with file and line) instead of stopping."}
     )
@@ -53,22 +61,54 @@ def build_parser():
     p.description = ("Fine-tune a causal LM with Causal Attention Tuning: loss = CE(answer) + gamma(t) * "
                      "Re-Attention loss. --gamma 0 trains the plain fine-tuning baseline. Every "
                      "transformers TrainingArguments field is accepted too (--learning_rate, --num_train_epochs, "
-                     "--per_device_train_batch_size, --resume_from_checkpoint, ...).\n\n" + LAUNCH_HINT)
+                     "--per_device_train_batch_size, --resume_from_checkpoint, ...).\n\n" + CONFIG_HINT
+                     + "\n\n" + LAUNCH_HINT)
+    p.add_argument("--config", metavar="FILE.yaml", help="options from a YAML/JSON file (field: value, the "
+                   "names of the options below); options on the command line override it")
     return p
 
 
-def parse(parser, argv):
-    names = {a.split("=", 1)[0] for a in argv}
-    if not names & {"--out", "--output_dir", "--output-dir", "-h", "--help"}:
-        parser.error("--out DIR is required")
+def apply_config(parser, argv: list[str]) -> list[str]:
+    """``--config FILE`` taken out of ``argv``: its values become the parser's defaults, so
+    that the command line overrides them (as TRL's parser does)."""
     argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            del argv[i: i + (1 if "=" in arg else 2)]
+            break
+    else:
+        return argv
+    if not path:
+        parser.error("--config needs a file")
+    values = load_config_file(path)
+    if not isinstance(values, dict):
+        parser.error(f"{path}: expected a mapping of option names to values")
+    values = {("output_dir" if k == "out" else k): v for k, v in values.items()}
+    types = {}
+    for cls in (TrainArguments, CATConfig):
+        types.update(typing.get_type_hints(cls))
+    values = typed_fields(values, types, str(path), what="cattune train option")
+    parser.set_defaults(**values)
+    for action in parser._actions:  # a value the file gives is no longer required on the command line
+        if action.dest in values:
+            action.required = False
+    return argv
+
+
+def parse(parser, argv):
+    argv = apply_config(parser, argv)
+    names = {a.split("=", 1)[0] for a in argv}
+    if parser.get_default("output_dir") is None and not names & {"--out", "--output_dir", "--output-dir", "-h",
+                                                                  "--help"}:
+        parser.error("--out DIR is required")
     for i, arg in enumerate(argv):  # a bare --resume_from_checkpoint means "the last one in --out"
         if arg in ("--resume_from_checkpoint", "--resume-from-checkpoint") and (
                 i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "true")
             break
     try:
-        targs, config = parser.parse_args_into_dataclasses(args=argv)
+        targs, config = parser.parse_args_into_dataclasses(args=argv)[:2]  # then --config, already applied
     except ValueError as e:  # unknown options, or a CATConfig value out of range
         parser.error(str(e))
     return targs, config
@@ -138,7 +178,7 @@ def _train(targs, config) -> int:
     if eval_records and trainer.is_world_process_zero():
         from ..evaluate import evaluate
 
-        res = evaluate(trainer.model, tokenizer, eval_records, checker=targs.checker,
+        res = evaluate(trainer.model, tokenizer, eval_records, checker=config.eval_checker,
                        span_columns=config.cat_span_columns, layers=config.cat_layers,
                        chat_template=config.chat_template, max_length=config.max_length)
         report["eval"] = {"accuracy": res.accuracy, "n": res.n, "attention_ratio": res.attention_ratio}

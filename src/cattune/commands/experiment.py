@@ -1,0 +1,82 @@
+"""``cattune experiment CONFIG.yaml``: a grid of tasks x models x arms x seeds (``cattune.experiment``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..experiment import ARMS, RESULTS, load_config, read_results, run_experiment, select, summary_markdown, write_summary
+from ..experiment.config import _seeds
+from ..files import check_writable_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Run a grid of tasks x models x arms {baseline, cat, placebo} x seeds from a YAML config, "
+        "resumably: results.jsonl gets one line per finished run, summary.md/summary.csv the table "
+        "(mean ± std over seeds, CAT - baseline and CAT - placebo with 95% intervals). "
+        "Shipped configs: builtin:demo (the demo's runs), builtin:stg (the STG table on the embedded model), "
+        "builtin:smollm2_stg (the STG table on SmolLM2-135M-Instruct; `make smollm2` installs it). "
+        "Format: docs/experiments.md.",
+    )
+    p.add_argument("config", help="experiment YAML/JSON file, or builtin:NAME for a shipped one")
+    p.add_argument("--out", help="output directory (default: the config's 'output', relative to the current directory)")
+    p.add_argument("--seeds", type=int, metavar="N", help="override the config's seeds with 0..N-1")
+    p.add_argument("--only-seeds", type=_int_list, metavar="S,S", help="run only these seeds, e.g. 0 or 0,3 "
+                   "(to reproduce one cell of a grid); the summary covers every finished run")
+    p.add_argument("--only-arms", type=_name_list, metavar="ARM,ARM", help=f"run only these arms ({', '.join(ARMS)})")
+    p.add_argument("--only-tasks", type=_name_list, metavar="LABEL,LABEL", help="run only these task labels")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's 'threads', else torch's)")
+    p.add_argument("--max-runs", type=int, metavar="N", help="stop after N new runs (run again to continue)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once, each in its own process with --threads torch threads (1 if unset); "
+                   "with the same --threads the results are those of one run at a time (default: 1)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; train nothing")
+    p.add_argument("--summary-only", action="store_true", help="rewrite summary.md/summary.csv from results.jsonl")
+    p.add_argument("--progress", action="store_true", help="show training and evaluation progress bars")
+    return p
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,3; got {text!r}") from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+
+def run(args) -> int:
+    config = load_config(args.config)
+    if args.seeds is not None:
+        config.seeds = _seeds(args.seeds, "--seeds")
+    only = select(config, args.only_seeds, args.only_arms, args.only_tasks)
+    if args.threads:
+        config.threads = args.threads
+    out = Path(args.out) if args.out else config.output
+    if args.summary_only:
+        results, bad = read_results(out / RESULTS)
+        if not results:
+            print(f"no finished runs in {out / RESULTS}", file=sys.stderr)
+            return 1
+        rows = write_summary(out, results, config)
+        print(summary_markdown(rows, f"Experiment {config.name}", config.arms))
+        return 0
+    if not args.dry_run:
+        check_writable_dir(out, "--out" if args.out else "output")
+    report = run_experiment(config, out=out, max_runs=args.max_runs, dry_run=args.dry_run, progress=args.progress,
+                            jobs=args.jobs, only=only)
+    if args.dry_run:
+        return 0
+    if report.rows:
+        print(summary_markdown(report.rows, f"Experiment {config.name}", config.arms))
+    remaining = len(report.planned) - len(report.ran) - len(report.skipped)
+    where = (f"; results in {out / RESULTS}, table in {out / 'summary.md'} and {out / 'summary.csv'}"
+             if report.rows else "; no finished run yet, so no table")
+    print(f"{len(report.ran)} run(s) done now, {len(report.skipped)} earlier, {remaining} left{where}",
+          file=sys.stderr)
+    return 0

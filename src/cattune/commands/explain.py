@@ -1,0 +1,88 @@
+"""``cattune explain``: where a model looks when it produces an answer (``cattune.explain``).
+
+    cattune explain --model out/model --data ood_test.jsonl --record 3 --out rec3.png
+    cattune explain --data STG_E:ood_test --model out/model --record 0 --out r0.png --use-prediction
+    cattune explain --log results/logs/E__tiny__cat__seed0.json --log results/logs/E__tiny__placebo__seed0.json \\
+        --out ratio.png --alpha 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..explain import explain_record, plot_explanation, plot_ratio_curve
+from ..files import check_distinct_paths, check_writable_file
+from ..models import load_model, training_settings
+from ..records import Record, atomic_write_text, load_records
+from ..tasks import get_task
+from .common import add_training_settings_options
+
+def load_data(spec: str) -> list[Record]:
+    """A JSONL file, or TASK:SPLIT from the task registry (e.g. STG_E:ood_test)."""
+    if Path(spec).exists() or ":" not in spec:
+        return load_records(spec)
+    task, split = spec.rsplit(":", 1)
+    return get_task(task).load(split)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Attention reports. With --model/--data: a heatmap PNG of the answer rows' attention over the "
+        "prompt tokens of one record (mean over layers and heads), causal spans marked. With --log: the "
+        "causal/non-causal attention ratio over training steps.",
+    )
+    p.add_argument("--out", required=True, help="PNG file to write")
+    heat = p.add_argument_group("heatmap of one record")
+    heat.add_argument("--model", help="model directory (or hub id) with its tokenizer")
+    heat.add_argument("--data", help="JSONL records (paper format) or TASK:SPLIT (e.g. STG_E:ood_test)")
+    heat.add_argument("--record", type=int, default=0, help="0-based index of the record (default: 0)")
+    heat.add_argument("--use-prediction", action="store_true",
+                      help="rows producing the model's own greedy answer instead of the target")
+    add_training_settings_options(heat, "in the heatmap")
+    heat.add_argument("--show-special", action="store_true", help="also show BOS and other special tokens")
+    heat.add_argument("--json", metavar="FILE", help="also write the numbers (tokens, weights, columns) as JSON")
+    heat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub repository")
+    curve = p.add_argument_group("attention ratio over training")
+    curve.add_argument("--log", action="append", metavar="FILE",
+                       help="train_report.json or an experiment logs/RUN.json; repeat to overlay curves")
+    curve.add_argument("--alpha", type=float, help="draw the target ratio alpha")
+    return p
+
+
+def run(args) -> int:
+    check_distinct_paths(inputs={"--data": [args.data], "--log": args.log or []},
+                         outputs={"--out": [args.out], "--json": [args.json]})
+    for option, path in (("--out", args.out), ("--json", args.json)):
+        if path:
+            check_writable_file(path, option)  # before a model loads
+    if args.log:
+        if args.model or args.data:
+            raise ValueError("give either --log (ratio curve) or --model/--data (heatmap), not both")
+        source = {Path(f).stem: f for f in args.log} if len(args.log) > 1 else args.log[0]
+        path = plot_ratio_curve(source, args.out, alpha=args.alpha)
+        print(f"wrote {path}")
+        return 0
+    if not args.model or not args.data:
+        raise ValueError("a heatmap needs --model and --data (or give --log for a ratio curve)")
+    records = load_data(args.data)
+    if not 0 <= args.record < len(records):
+        raise ValueError(f"--record {args.record} is out of range: {args.data} has {len(records)} records")
+    settings = training_settings(args.model, chat_template=args.chat_template, span_columns=args.span_columns,
+                                 layers=args.layers)
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    expl = explain_record(model, tok, records[args.record], use_prediction=args.use_prediction,
+                          span_columns=settings["span_columns"], record_index=args.record, layers=settings["layers"],
+                          chat_template=settings["chat_template"])
+    path = plot_explanation(expl, args.out, show_special=args.show_special)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(expl.to_json(), ensure_ascii=False) + "\n")
+    if expl.unaligned:
+        print(f"note: {len(expl.unaligned)} annotated pair(s) could not be placed: {expl.unaligned[:3]}",
+              file=sys.stderr)
+    ratio = expl.ratio
+    print(f"wrote {path}: target {expl.target!r}, prediction {expl.prediction!r}"
+          + (f", causal/other attention {ratio:.2f}" if ratio is not None else ""))
+    return 0

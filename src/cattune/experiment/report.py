@@ -1,0 +1,197 @@
+"""The summary of an experiment: pure functions from ``results.jsonl`` lines to tables.
+
+Per task, model and test set: each arm's mean and standard deviation over seeds, and
+the paired differences CAT - baseline and CAT - placebo with a 95% t-interval over
+seeds; as Markdown (with the plots embedded) and CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..records import atomic_write_text
+from ..text import format_ratio
+from .config import ARMS, ExperimentConfig, train_args_for
+
+# Two-sided 95% quantiles of Student's t, df 1..30, as printed in t-tables: scipy (which
+# has them exactly) is not among cattune's dependencies for this one number.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError("df must be >= 1")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964  # Cornish-Fisher expansion around the normal quantile; < 1e-3 off for df > 30
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95% t-interval (NaN bounds with one pair)."""
+    n = len(diffs)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = statistics.fmean(diffs)
+    if n == 1:
+        return mean, math.nan, math.nan
+    half = t_quantile_975(n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def summarize(results: list[dict], config: ExperimentConfig | None = None) -> list[dict]:
+    """One row per (task, model, test set): each arm's mean/std over seeds, the mean
+    test-set attention ratio, and the paired differences CAT - baseline / CAT - placebo."""
+    groups: dict[tuple[str, str, str], dict[str, dict[int, dict]]] = {}
+    for r in results:
+        for test, res in r["tests"].items():
+            groups.setdefault((r["task"], r["model"], test), {}).setdefault(r["arm"], {})[int(r["seed"])] = res
+
+    def order(key):
+        if config is None:
+            return (0, key)
+        tasks = [t.label for t in config.tasks]
+        models = [m.label for m in config.models]
+        t = tasks.index(key[0]) if key[0] in tasks else len(tasks)
+        m = models.index(key[1]) if key[1] in models else len(models)
+        tests = next((list(e.tests) for e in config.tasks if e.label == key[0]), [])
+        s = tests.index(key[2]) if key[2] in tests else len(tests)
+        return (t, m, s, key)
+
+    rows = []
+    for key in sorted(groups, key=order):
+        arms = groups[key]
+        row: dict[str, Any] = {"task": key[0], "model": key[1], "test": key[2]}
+        for arm in ARMS:
+            by_seed = arms.get(arm, {})
+            accs = [v["accuracy"] for v in by_seed.values()]
+            ratios = [v["attention_ratio"] for v in by_seed.values() if v.get("attention_ratio") is not None]
+            row[f"{arm}_n"] = len(accs)
+            row[f"{arm}_mean"] = statistics.fmean(accs) if accs else math.nan
+            row[f"{arm}_std"] = statistics.stdev(accs) if len(accs) > 1 else math.nan
+            row[f"{arm}_attn_ratio"] = statistics.fmean(ratios) if ratios else math.nan
+        for other in ("baseline", "placebo"):
+            a, b = arms.get("cat", {}), arms.get(other, {})
+            seeds = sorted(set(a) & set(b))
+            mean, lo, hi = paired_interval([a[s]["accuracy"] - b[s]["accuracy"] for s in seeds])
+            row[f"cat_minus_{other}"] = mean
+            row[f"cat_minus_{other}_lo"] = lo
+            row[f"cat_minus_{other}_hi"] = hi
+            row[f"cat_minus_{other}_pairs"] = len(seeds)
+        rows.append(row)
+    return rows
+
+
+CSV_COLUMNS = (["task", "model", "test"]
+               + [f"{a}_{s}" for a in ARMS for s in ("n", "mean", "std", "attn_ratio")]
+               + [f"cat_minus_{o}{s}" for o in ("baseline", "placebo") for s in ("", "_lo", "_hi", "_pairs")])
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}"
+
+
+def _signed(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:+.1f}"
+
+
+def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str] | None = None) -> str:
+    arms = arms or list(ARMS)
+    head = ["task", "model", "test", "seeds"] + [a for a in arms]
+    diffs = [o for o in ("baseline", "placebo") if "cat" in arms and o in arms]
+    head += [f"CAT - {o} [95% CI]" for o in diffs]
+    lines = [f"# {title}", "",
+             "Accuracy in %: mean ± standard deviation over seeds. Differences are paired by seed, "
+             "with a 95% t-interval over the seeds (needs at least 2 pairs).", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["task"], r["model"], r["test"], str(max(r[f"{a}_n"] for a in arms))]
+        for a in arms:
+            if r[f"{a}_n"] == 0:
+                cells.append("-")
+            else:
+                std = "" if math.isnan(r[f"{a}_std"]) else f" ± {_pct(r[f'{a}_std'])}"
+                cells.append(f"{_pct(r[f'{a}_mean'])}{std}")
+        for o in diffs:
+            m, lo, hi = r[f"cat_minus_{o}"], r[f"cat_minus_{o}_lo"], r[f"cat_minus_{o}_hi"]
+            ci = "" if math.isnan(lo) else f" [{_signed(lo)}, {_signed(hi)}]"
+            cells.append(f"{_signed(m)}{ci}")
+        lines.append("| " + " | ".join(cells) + " |")
+    ratio_arms = [a for a in arms if any(not math.isnan(r[f"{a}_attn_ratio"]) for r in rows)]
+    if ratio_arms:
+        lines += ["", "Mean causal/non-causal attention ratio on each test set's annotation (docs/method.md "
+                  "section 3: a1/a0 over the rows that produce annotated keys):", "",
+                  "| task | model | test | " + " | ".join(ratio_arms) + " |",
+                  "|---|---|---|" + "|".join("---" for _ in ratio_arms) + "|"]
+        for r in rows:
+            vals = ["-" if math.isnan(r[f"{a}_attn_ratio"]) else format_ratio(r[f"{a}_attn_ratio"]) for a in ratio_arms]
+            lines.append(f"| {r['task']} | {r['model']} | {r['test']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def summary_plots(out: Path, results: list[dict], config: ExperimentConfig | None = None) -> str:
+    """Markdown embedding, per task and model, the attention-ratio curves of the first
+    seed's arms (drawn here from ``logs/``) and each arm's heatmap (drawn by the run)."""
+    from ..explain import plot_ratio_curve
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["task"], r["model"]), []).append(r)
+    entries = {t.label: t for t in config.tasks} if config else {}
+    parts = []
+    for (task, model), runs in groups.items():
+        seeds = {int(r["seed"]) for r in runs}
+        # The config's first seed is the one whose runs drew heatmaps (run_one).
+        first = config.seeds[0] if config and config.seeds[0] in seeds else min(seeds)
+        runs = sorted((r for r in runs if int(r["seed"]) == first), key=lambda r: ARMS.index(r["arm"]))
+        lines = []
+        logs = {r["arm"]: out / r["log"] for r in runs if (out / r["log"]).is_file()}
+        alpha = train_args_for(config, entries[task], "cat").get("cat_alpha") if task in entries else None
+        curve = out / "plots" / f"{task}__{model}__ratio.png"
+        # Redrawn only when a log is newer: the summary is rewritten after every run.
+        stale = not curve.is_file() or any(p.stat().st_mtime > curve.stat().st_mtime for p in logs.values())
+        if logs and stale:
+            try:
+                plot_ratio_curve(logs, curve, alpha=alpha,
+                                 title=f"{task}, {model}: causal/other attention, seed {first}")
+            except ValueError as e:  # no annotated rows in this task's logs, or a broken log
+                print(f"{task}, {model}: no attention-ratio plot: {e}", file=sys.stderr)
+        if logs and curve.is_file():
+            lines.append(f"![attention ratio during training]({curve.relative_to(out).as_posix()})")
+        for r in runs:
+            if r.get("attention_plot") and (out / r["attention_plot"]).is_file():
+                lines.append(f"![{r['arm']}: attention of the answer rows]({r['attention_plot']})")
+        if lines:
+            parts.append("\n\n".join([f"### {task}, {model}, seed {first}", *lines]))
+    if not parts:
+        return ""
+    return ("\n## Plots\n\nThe causal/other attention ratio over training (every arm logs it; the target "
+            "alpha dashed), and where each arm's model looks when it produces the answer to the first "
+            "record of the last test set (causal spans in red).\n\n" + "\n\n".join(parts) + "\n")
+
+
+def write_summary(out: Path, results: list[dict], config: ExperimentConfig | None = None) -> list[dict]:
+    rows = summarize(results, config)
+    title = f"Experiment {config.name}" if config else "Experiment"
+    markdown = summary_markdown(rows, title, config.arms if config else None)
+    atomic_write_text(out / "summary.md", markdown + summary_plots(out, results, config))
+    atomic_write_text(out / "summary.csv", summary_csv(rows))
+    return rows
+

@@ -1,0 +1,347 @@
+"""Running an experiment: every planned run not yet in ``results.jsonl``, one or more at a time.
+
+Every run trains with :class:`cattune.trainer.CATTrainer` and is evaluated on every test
+set of its task. Outputs, in the output directory:
+
+- ``results.jsonl``: one line per finished run, appended and flushed as it finishes. A
+  killed experiment started again skips the runs already there, identified by
+  (task, model, arm, seed); a half-written last line is dropped.
+- ``summary.md`` / ``summary.csv`` (``cattune.experiment.report``), rewritten atomically
+  after every run; summary.md embeds the plots below.
+- ``plots/``: per task and model the attention-ratio curves of the first seed's arms,
+  and for the first seed each run's heatmap of the first record of its last test set.
+- ``logs/RUN.json``: the trainer's log history (loss_ce, loss_attn, attn_ratio, ...),
+  readable by ``cattune.explain.plot_ratio_curve``.
+- ``predictions/RUN.jsonl`` and ``models/RUN/`` when ``save_predictions`` /
+  ``save_models`` are set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..records import Record, atomic_write_text
+from .arms import placebo_records
+from .config import ConfigError, ExperimentConfig, ModelEntry, RunSpec, TaskEntry, plan, settings_hash, train_args_for
+from .report import write_summary
+
+RESULTS = "results.jsonl"
+
+
+def read_results(path: str | os.PathLike, repair: bool = False) -> tuple[list[dict], int]:
+    """Finished runs from a results JSONL, and how many lines were unusable (a line cut
+    by a kill). With ``repair``, the file is rewritten without them (atomically)."""
+    path = Path(path)
+    if not path.exists():
+        return [], 0
+    raw = path.read_text(encoding="utf-8")
+    good, bad, seen = [], 0, set()
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            key = (obj["task"], obj["model"], obj["arm"], int(obj["seed"]))
+            obj["tests"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            bad += 1
+            continue
+        if key in seen:  # two processes on one output: keep the first
+            bad += 1
+            continue
+        seen.add(key)
+        good.append(obj)
+    if repair and (bad or (raw and not raw.endswith("\n"))):
+        atomic_write_text(path, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in good))
+    return good, bad
+
+
+def append_result(path: Path, result: dict) -> None:
+    """One line, flushed and synced: a kill leaves at most this line half-written."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(result, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+
+@dataclass
+class TaskData:
+    train: list[Record]
+    tests: dict[str, list[Record]]
+    tokenizer_texts: list[str]
+
+
+def load_task_data(entry: TaskEntry, need_tokenizer_texts: bool = True) -> TaskData:
+    train = entry.task.load(entry.train_split, limit=entry.train_limit)
+    if not train:
+        raise ConfigError(f"task {entry.label}: the training split {entry.train_split!r} is empty")
+    tests = {name: entry.task.load(split, limit=entry.test_limit) for name, split in entry.tests.items()}
+    texts = entry.task.tokenizer_texts() if need_tokenizer_texts else []
+    return TaskData(train=train, tests=tests, tokenizer_texts=texts or [r.text for r in train])
+
+
+def _build_model(model: ModelEntry, data: TaskData, seed: int):
+    if model.is_tiny:
+        from ..tiny import build
+
+        return build(data.tokenizer_texts, seed=seed, **model.tiny)
+    from ..models import load_model
+
+    m, tok = load_model(model.path, trust_remote_code=model.trust_remote_code)
+    if model.lora is not None:
+        from ..trainer import lora_model
+
+        m = lora_model(m, **model.lora)
+    return m, tok
+
+
+def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry, spec: RunSpec, data: TaskData,
+            out: Path, progress: bool = False) -> dict:
+    """Train one arm on one seed and evaluate it on every test set: the result line."""
+    from ..evaluate import evaluate
+    from ..trainer import CATConfig, CATTrainer
+
+    started = time.time()
+    model, tok = _build_model(model_entry, data, spec.seed)
+    train = data.train
+    placebo_counts: dict[str, int] = {}
+    if spec.arm == "placebo":
+        train = placebo_records(train, entry.task, seed=spec.seed, tokenizer=tok, counts=placebo_counts)
+    args = train_args_for(config, entry, spec.arm)
+    tmp = tempfile.mkdtemp(prefix=f".{spec.run_id}.", dir=out)
+    try:
+        kw = {"disable_tqdm": not progress, **args,
+              "output_dir": tmp, "seed": spec.seed, "save_strategy": "no", "report_to": []}
+        targs = CATConfig(**kw)
+        trainer = CATTrainer(model=model, args=targs, train_dataset=train, processing_class=tok,
+                             base_model=model_entry.path)
+        # Without progress bars the Trainer prints every log line; they go to logs/RUN.json instead.
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    train_seconds = time.time() - started
+    history = trainer.state.log_history
+    if config.save_models:
+        model_dir = out / "models" / spec.run_id
+        trainer.save_model(str(model_dir))
+        tok.save_pretrained(str(model_dir))
+    tests, predictions = {}, {}
+    for name, records in data.tests.items():
+        res = evaluate(model, tok, records, checker=entry.task.checker_fn, batch_size=config.eval["batch_size"],
+                       max_new_tokens=config.eval["max_new_tokens"], progress=progress,
+                       desc=f"{spec.run_id} {name}", span_columns=trainer.args.cat_span_columns,
+                       layers=trainer.args.cat_layers, chat_template=trainer.args.chat_template)
+        tests[name] = {"accuracy": res.accuracy, "n": res.n, "correct": res.correct,
+                       "attention_ratio": res.attention_ratio}
+        predictions[name] = res.predictions
+    attention_plot = None
+    if spec.seed == config.seeds[0]:  # one heatmap per task, model and arm
+        from ..explain import plot_record
+
+        name, records = list(data.tests.items())[-1]
+        if records:
+            path = plot_record(model, tok, records[0], out / "plots" / f"{spec.run_id}.png",
+                               title=f"{spec.run_id}, {name} record 0", span_columns=trainer.args.cat_span_columns,
+                               record_index=0, layers=trainer.args.cat_layers,
+                               chat_template=trainer.args.chat_template)
+            attention_plot = str(path.relative_to(out))
+    log_path = out / "logs" / f"{spec.run_id}.json"
+    atomic_write_text(log_path, json.dumps({"run": dataclasses.asdict(spec), "encode": trainer.encode_stats,
+                                            "log_history": history}, indent=1) + "\n")
+    if config.save_predictions:
+        atomic_write_text(out / "predictions" / f"{spec.run_id}.jsonl", "".join(
+            json.dumps({"test": name, **p}, ensure_ascii=False) + "\n"
+            for name, preds in predictions.items() for p in preds))
+    ratios = [h["attn_ratio"] for h in history if "attn_ratio" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {
+        "task": spec.task, "model": spec.model, "arm": spec.arm, "seed": spec.seed,
+        "tests": tests,
+        "train_split": entry.train_split, "n_train": len(train),
+        "steps": trainer.state.global_step,
+        "final_loss": losses[-1] if losses else None,
+        "final_train_attn_ratio": ratios[-1] if ratios else None,
+        "cat_gamma": args["cat_gamma"],
+        "placebo": placebo_counts or None,
+        "encode": trainer.encode_stats.get("train"),
+        "settings": settings_hash(config, entry, model_entry, spec.arm),
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.time() - started, 1),
+        "log": str(log_path.relative_to(out)),
+        "attention_plot": attention_plot,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+@dataclass
+class ExperimentReport:
+    out: Path
+    planned: list[RunSpec]
+    ran: list[RunSpec] = field(default_factory=list)
+    skipped: list[RunSpec] = field(default_factory=list)
+    dropped_lines: int = 0
+    changed: list[RunSpec] = field(default_factory=list)  # finished under other settings
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.ran) + len(self.skipped) == len(self.planned)
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    """Start of a worker process for ``jobs > 1``."""
+    import threading
+
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    # A parent killed with SIGKILL cannot stop its workers: each leaves on its own once it
+    # is orphaned, instead of training on and writing into the output afterwards.
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
+
+
+def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = None, max_runs: int | None = None,
+                   dry_run: bool = False, log: Callable[[str], None] | None = None,
+                   progress: bool = False, jobs: int = 1,
+                   only: Callable[[RunSpec], bool] | None = None) -> ExperimentReport:
+    """Run every planned run not yet in ``OUT/results.jsonl``; see the module docstring.
+
+    ``jobs > 1`` trains that many runs at once, each in its own (spawned) process with
+    ``config.threads`` torch threads, 1 if unset; results are appended as runs finish, in
+    any order. If a run fails, no new run starts, the running ones finish and are kept,
+    then the error is raised. A script that calls this with ``jobs > 1`` needs the usual
+    ``if __name__ == "__main__":`` guard of multiprocessing's spawn. ``only``: run only the
+    planned runs it accepts (:func:`select`); the summary still covers every finished run.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if max_runs is not None and max_runs < 0:
+        raise ValueError(f"max_runs must be 0 or more, got {max_runs}")
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out) if out is not None else config.output
+    results_path = out / RESULTS
+    runs = [spec for spec in plan(config) if only is None or only(spec)]
+    report = ExperimentReport(out=out, planned=runs)
+    done, bad = read_results(results_path, repair=not dry_run)
+    report.dropped_lines = bad
+    if bad:
+        log(f"{results_path}: dropped {bad} unusable line(s) (a run cut off mid-write); those runs run again")
+    finished = {(r["task"], r["model"], r["arm"], int(r["seed"])): r for r in done}
+    entries = {t.label: t for t in config.tasks}
+    models = {m.label: m for m in config.models}
+    todo = []
+    for spec in runs:
+        if spec.key in finished:
+            report.skipped.append(spec)
+            expected = settings_hash(config, entries[spec.task], models[spec.model], spec.arm)
+            if finished[spec.key].get("settings") not in (None, expected):
+                report.changed.append(spec)
+        else:
+            todo.append(spec)
+    if report.changed:
+        log(f"warning: {len(report.changed)} finished run(s) used other settings than the config now has "
+            f"(e.g. {report.changed[0].run_id}); they are kept. Delete their lines from {results_path} or use "
+            "another output directory to run them again.")
+    log(f"experiment {config.name}: {len(runs)} runs, {len(report.skipped)} already finished, {len(todo)} to run "
+        f"-> {out}")
+    if dry_run:
+        for spec in runs:
+            log(f"  {'done' if spec.key in finished else 'todo'}  {spec.run_id}")
+        return report
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in todo:  # training directories of runs killed last time
+        for stale in out.glob(f".{glob.escape(spec.run_id)}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    if max_runs is not None:
+        todo = todo[:max_runs]
+    cache: dict[str, TaskData] = {}
+    results = list(done)
+    started = time.time()
+
+    def task_data(spec: RunSpec) -> TaskData:
+        if spec.task not in cache:
+            cache.clear()  # one task's data loaded at a time (runs are ordered by task)
+            cache[spec.task] = load_task_data(entries[spec.task],
+                                              need_tokenizer_texts=any(m.is_tiny for m in config.models))
+        return cache[spec.task]
+
+    def finished_run(spec: RunSpec, result: dict) -> None:
+        append_result(results_path, result)
+        results.append(result)
+        report.ran.append(spec)
+        accs = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in result["tests"].items())
+        log(f"[{time.time() - started:6.0f}s] done {len(report.ran)}/{len(todo)}: {spec.run_id}: {accs} "
+            f"({result['seconds']:.0f}s)")
+        report.rows = write_summary(out, results, config)
+
+    if jobs == 1:
+        for i, spec in enumerate(todo, 1):
+            log(f"[{time.time() - started:6.0f}s] run {i}/{len(todo)}: {spec.run_id}")
+            result = run_one(config, entries[spec.task], models[spec.model], spec, task_data(spec), out,
+                             progress=progress)
+            finished_run(spec, result)
+    elif todo:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        if progress:
+            log("note: --progress shows no bars with more than one job")
+        # spawn, not fork: the workers must not inherit torch's or the tokenizers' thread pools
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(config.threads or 1, os.getpid()))
+        queue, running, error = list(todo), {}, None
+        try:
+            while queue or running:
+                while queue and len(running) < jobs:
+                    spec = queue.pop(0)
+                    log(f"[{time.time() - started:6.0f}s] start {spec.run_id}")
+                    running[pool.submit(run_one, config, entries[spec.task], models[spec.model], spec,
+                                        task_data(spec), out, False)] = spec
+                done_now, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done_now:
+                    spec = running.pop(fut)
+                    try:
+                        result = fut.result()
+                    except Exception as e:  # let the other running runs finish and keep them
+                        if error is None:
+                            error = e
+                            log(f"{spec.run_id} failed ({type(e).__name__}: {e}); starting no more runs, "
+                                f"waiting for the {len(running)} still running")
+                        queue.clear()
+                        continue
+                    finished_run(spec, result)
+        except BaseException:  # Ctrl-C: the workers get the signal too; do not wait for them
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        if error is not None:
+            raise error
+    if not report.ran:  # nothing new: still (re)write the summary of what is there
+        report.rows = write_summary(out, results, config) if results else []
+    return report
+
