@@ -72,7 +72,7 @@ def test_explain_cli_heatmap(trained, stg_e, tmp_path):
     marked = "".join(info["prompt_tokens"][i] for i in info["causal_columns"])
     for span in records[3].important[0][1]:
         assert span.replace(" ", "") in marked.replace("␣", "")
-    assert info["ratio"] > 0 and not info["unaligned"]
+    assert info["heatmap_ratio"] > 0 and info["attn_ratio"] > 0 and not info["unaligned"]
     assert "Smoking" in text
     # TASK:SPLIT instead of a file; the whole-span vs last-token choice changes the marks
     last = tmp_path / "last.json"
@@ -100,7 +100,7 @@ def test_explain_record_with_prediction(trained, stg_e, tmp_path, monkeypatch):
 def test_explain_long_prompt_and_unannotated_record(trained, tmp_path):
     rec = Record(prompt="word " * 300 + "Answer: ", target="Low Risk")
     expl = explain.explain_record(trained["model"], trained["tok"], rec)
-    assert expl.causal_columns == [] and expl.ratio is None
+    assert expl.causal_columns == [] and expl.heatmap_ratio is None
     w, h = png_size(explain.plot_explanation(expl, tmp_path / "long.png"))
     assert w <= 48 * 100 and h <= 20 * 100
 
@@ -162,3 +162,18 @@ def test_ratio_curve_goes_log_when_the_ratio_explodes(tmp_path, monkeypatch, rat
     history = [{"attn_ratio": r, "step": 10 * i} for i, r in enumerate(ratios)]
     explain.plot_ratio_curve(history, tmp_path / "r.png", alpha=5.0)
     assert scales == [scale]
+
+
+def test_explain_prints_the_ratio_cattune_eval_reports(trained, stg_e, tmp_path, capsys):
+    # One quantity for users: the ratio of one record in `cattune explain` is the ratio
+    # `cattune eval` gives on a file holding only that record (same layers, same columns).
+    data = tmp_path / "one.jsonl"
+    save_records(data, stg_e.load("ood_test", limit=4)[2:3])
+    js, res = tmp_path / "e.json", tmp_path / "r.json"
+    assert cli.main(["explain", "--model", str(trained["dir"]), "--data", str(data), "--layers", "-1",
+                     "--out", str(tmp_path / "e.png"), "--json", str(js)]) == 0
+    assert "attn_ratio" in capsys.readouterr().out
+    assert cli.main(["eval", "--model", str(trained["dir"]), "--data", str(data), "--layers", "-1",
+                     "--out", str(res)]) == 0
+    evaluated = json.loads(res.read_text())["results"][str(data)]["attention_ratio"]
+    assert json.loads(js.read_text())["attn_ratio"] == pytest.approx(evaluated, rel=1e-6)

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from .masks import DEFAULT_SPAN_COLUMNS
 from .records import Record, atomic_write_bytes
+from .text import format_ratio
 
 CAUSAL_COLOR = "#d62728"
 OTHER_ANNOTATED_COLOR = "#ff9896"
@@ -44,14 +45,16 @@ class Explanation:
     record_index: int | None = None
     unaligned: list = field(default_factory=list)
     layers: list[int] | None = None  # the layers averaged (None: all of them)
+    # The record's attn_ratio: the number training logs, `cattune eval` and experiment
+    # summaries report (mean over the rows producing annotated keys of each row's a1/a0,
+    # cattune.loss.attention_ratio), for this one record. None without annotation.
+    attn_ratio: float | None = None
 
     @property
-    def ratio(self) -> float | None:
-        """Mean attention on causal columns / mean on the other prompt columns, over this
-        heatmap's cells (special tokens included): a ratio of means, for the title. The
-        ``attn_ratio`` of training logs, ``cattune eval`` and experiment summaries is
-        another number, the mean over rows of each row's a1/a0
-        (:func:`cattune.loss.attention_ratio`)."""
+    def heatmap_ratio(self) -> float | None:
+        """Mean attention on causal columns / mean on the other prompt columns over this
+        heatmap's cells (every answer row, special tokens included): a ratio of means that
+        describes the picture. It is not ``attn_ratio``, which is what training optimises."""
         import numpy as np
 
         w = np.asarray(self.weights)
@@ -64,7 +67,7 @@ class Explanation:
         return float(w[:, mask].mean() / max(w[:, ~mask].mean(), 1e-12))
 
     def to_json(self) -> dict:
-        return {**asdict(self), "ratio": self.ratio}
+        return {**asdict(self), "heatmap_ratio": self.heatmap_ratio}
 
 
 def _label(text: str) -> str:
@@ -145,11 +148,15 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
     others = sorted({c for r, c in annotated.pairs if c < n_prompt} - set(causal))
     answer_ids = [shown.input_ids[r + 1] for r in rows]
     answer_tokens = [_label(tokenizer.decode([t])) for t in answer_ids]
+    from .evaluate import causal_attention_ratio
+
+    ratio = causal_attention_ratio(model, tokenizer, [record], span_columns=span_columns, layers=layers,
+                                   chat_template=chat_template)
     return Explanation(prompt_tokens=labels, answer_tokens=answer_tokens, weights=attn.tolist(),
                        causal_columns=causal, annotated_columns=others, special_columns=special,
                        target=record.target, prediction=prediction, answer_source=source,
                        record_index=record_index, unaligned=[list(u) for u in annotated.unaligned],
-                       layers=None if layers is None else list(layers))
+                       layers=None if layers is None else list(layers), attn_ratio=ratio)
 
 
 def _figure(width: float, height: float):
@@ -224,9 +231,9 @@ def plot_explanation(expl: Explanation, out_png: str | os.PathLike, title: str |
     ax.set_ylabel(f"answer rows ({expl.answer_source})", fontsize=font)
     if title is None:
         idx = "" if expl.record_index is None else f"record {expl.record_index}: "
-        ratio = expl.ratio
+        ratio = expl.attn_ratio
         title = (f"{idx}target {expl.target!r}, model answers {expl.prediction!r}"
-                 + (f"; causal/other attention {ratio:.2f}" if ratio is not None else "; no causal columns"))
+                 + (f"; attn_ratio {format_ratio(ratio)}" if ratio is not None else "; no causal columns"))
     averaged = "layers and heads" if expl.layers is None else f"heads of layer(s) {', '.join(map(str, expl.layers))}"
     bar_ax.set_title(title + "\n(red: causal spans of the answer; pink: other annotated values; "
                      f"attention averaged over {averaged})", fontsize=font + 1)

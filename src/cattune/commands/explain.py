@@ -18,6 +18,7 @@ from ..files import check_distinct_paths, check_writable_file
 from ..models import load_model, training_settings
 from ..records import Record, atomic_write_text, load_records
 from ..tasks import get_task
+from ..text import format_ratio
 from .common import add_training_settings_options
 
 def load_data(spec: str) -> list[Record]:
@@ -82,7 +83,8 @@ def run(args) -> int:
     if expl.unaligned:
         print(f"note: {len(expl.unaligned)} annotated pair(s) could not be placed: {expl.unaligned[:3]}",
               file=sys.stderr)
-    ratio = expl.ratio
+    ratio = expl.attn_ratio
     print(f"wrote {path}: target {expl.target!r}, prediction {expl.prediction!r}"
-          + (f", causal/other attention {ratio:.2f}" if ratio is not None else ""))
+          + (f", attn_ratio {format_ratio(ratio)} (as training logs and cattune eval report it)"
+             if ratio is not None else ""))
     return 0
