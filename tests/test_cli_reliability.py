@@ -79,9 +79,11 @@ def test_eval_refuses_to_write_over_its_data(model, data, tmp_path):
     (["explain", "--model", "MODEL", "--data", "TEST", "--out", f"{UNWRITABLE}/x.png"], "cannot write there"),
     (["explain", "--model", "MODEL", "--data", "TEST", "--out", "TEST"], "is the same file as"),
     (["train", "--train", "TEST", "--out", "TEST"], "is the same file as"),
+    (["train", "--train", "TEST", "--model", "MODEL", "--out", "MODEL"], "is the same file as"),
+    (["eval", "--model", "MODEL", "--data", "TEST", "--out", "MODEL_CONFIG"], "is the same file as"),
 ])
 def test_outputs_are_checked_before_the_work(model, data, tmp_path, argv, message):
-    subst = {"MODEL": model, "TEST": data / "test.jsonl", "DIR": tmp_path}
+    subst = {"MODEL": model, "TEST": data / "test.jsonl", "DIR": tmp_path, "MODEL_CONFIG": model / "config.json"}
     before = (data / "test.jsonl").read_bytes()
     fails(cli(*[subst.get(a, a) for a in argv]), message)
     assert (data / "test.jsonl").read_bytes() == before
@@ -93,16 +95,23 @@ def test_outputs_are_checked_before_the_work(model, data, tmp_path, argv, messag
 def test_train_resumes_from_the_last_checkpoint_in_out(data, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--train", data / "train.jsonl", "--out", out, "--save_strategy", "steps", "--save_steps", "1"]
-    ok(cli(*args, *TRAIN))  # steps 1-2, as if killed after step 2 of 4
+    ok(cli(*args, *TRAIN))  # steps 1-2
+    (out / "train_report.json").unlink()  # as if killed after step 2 of 4
     r = ok(cli(*args, *TRAIN[:1], "4", *TRAIN[2:]))
     assert f"resuming from {out / 'checkpoint-2'}" in r.stderr
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
-    # A bare --resume_from_checkpoint means the last checkpoint; --overwrite_output_dir starts again.
+    # A finished run, or checkpoints of a run with other settings, are never continued silently.
+    fails(cli(*args, *TRAIN[:1], "5", *TRAIN[2:]), "holds a finished run")
+    (out / "train_report.json").unlink()
+    fails(cli(*args, *TRAIN[:1], "5", *TRAIN[2:], "--learning_rate", "1e-2"), "differs in: learning_rate")
+    # Asked for: a bare --resume_from_checkpoint means the last checkpoint.
     r = ok(cli(*args, *TRAIN[:1], "5", *TRAIN[2:], "--resume_from_checkpoint"))
     assert f"resuming from {out / 'checkpoint-4'}" in r.stderr
+    # --overwrite_output_dir removes the earlier run, so no old checkpoint is resumed or kept later.
     r = ok(cli(*args, *TRAIN, "--overwrite_output_dir"))
-    assert "resuming" not in r.stderr
+    assert "resuming" not in r.stderr and "removed 7 checkpoint(s) and report(s)" in r.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     fails(cli("train", "--train", data / "train.jsonl", "--out", tmp_path / "empty", *TRAIN,
               "--resume_from_checkpoint", "true"), "no checkpoint-N directory")
 
@@ -116,6 +125,12 @@ def test_eval_keeps_results_per_data_file_and_truncates(model, data, tmp_path):
     assert "kept earlier results for 1 other data file" in r.stdout
     res = json.loads((model / "eval_results.json").read_text())
     assert set(res["results"]) == {str(data / "test.jsonl"), str(data / "ood.jsonl")}
+    # Weights trained again into the directory: the earlier model's results are not kept.
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    r = ok(cli("eval", "--model", model, "--data", data / "ood.jsonl"))
+    assert "earlier results are of other weights" in r.stderr
+    assert set(json.loads((model / "eval_results.json").read_text())["results"]) == {str(data / "ood.jsonl")}
     # A huge record: cut from the left to max_length, counted, and no memory blow-up.
     huge = tmp_path / "huge.jsonl"
     huge.write_text(json.dumps({"input": "Smoking: 8. " * 20000 + "Answer: ", "target": "8"}) + "\n")
@@ -250,3 +265,9 @@ def test_every_command_meets_garbage_without_a_traceback(name, tmp_path):
     for argv in (["--no-such-option", "x"], [str(junk), "--out", str(junk)]):
         r = cli(name, *argv)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_demo_never_clears_an_experiments_results(tmp_path):
+    (tmp_path / "results.jsonl").write_text('{"task": "x"}\n')
+    fails(cli("demo", "--out", tmp_path, "--limit", "8"), "holds an experiment's results.jsonl")
+    assert (tmp_path / "results.jsonl").read_text() == '{"task": "x"}\n'

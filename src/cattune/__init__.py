@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 # The trainer pulls in transformers.Trainer (slow to import): load it on first use.
 _LAZY = {
-    "CATConfig": ("trainer", "CATConfig"),
+    "CATConfig": ("config", "CATConfig"),
     "CATTrainer": ("trainer", "CATTrainer"),
 }
 

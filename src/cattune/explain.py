@@ -93,7 +93,7 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
     import torch
 
     from .attention import AttentionProbe, resolve_layers, use_row_probe
-    from .evaluate import generate_answers
+    from .evaluate import causal_attention_ratio, generate_answers
     from .masks import encode_record, render_prompt
     from .models import prepare_tokenizer
 
@@ -127,6 +127,9 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
         with torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), cat_probe=probe, use_cache=False)
         attn = probe.result()[0, :, :n_prompt].float().cpu()
+        # In eval mode too (no dropout): the number `cattune eval` gives for this record.
+        ratio = causal_attention_ratio(model, tokenizer, [record], span_columns=span_columns, layers=layers,
+                                       chat_template=chat_template)
     finally:
         model.train(was_training)
 
@@ -148,10 +151,6 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
     others = sorted({c for r, c in annotated.pairs if c < n_prompt} - set(causal))
     answer_ids = [shown.input_ids[r + 1] for r in rows]
     answer_tokens = [_label(tokenizer.decode([t])) for t in answer_ids]
-    from .evaluate import causal_attention_ratio
-
-    ratio = causal_attention_ratio(model, tokenizer, [record], span_columns=span_columns, layers=layers,
-                                   chat_template=chat_template)
     return Explanation(prompt_tokens=labels, answer_tokens=answer_tokens, weights=attn.tolist(),
                        causal_columns=causal, annotated_columns=others, special_columns=special,
                        target=record.target, prediction=prediction, answer_source=source,

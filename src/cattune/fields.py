@@ -21,8 +21,8 @@ def typed_fields(values: dict, types: dict[str, Any], where: str, error: type[Ex
     the field for an unknown name, a ``reserved`` one (name -> why) or a wrong value."""
     out = {}
     for k, v in values.items():
-        if k not in types:
-            close = [n for n in types if n.replace("_", "") == k.replace("_", "")]
+        if not isinstance(k, str) or k not in types:
+            close = [n for n in types if n.replace("_", "") == str(k).replace("_", "")]
             raise error(f"{where}: {k!r} is not a {what}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if reserved and k in reserved:
             raise error(f"{where}: {k!r} {reserved[k]}")
@@ -80,7 +80,9 @@ def _typed(value: Any, tp: Any) -> Any:
         raise TypeError(value)
     if origin is list or tp is list:
         if not isinstance(value, list):
-            raise TypeError(value)
+            if not members or isinstance(value, (dict, tuple, set)):
+                raise TypeError(value)
+            return [_typed(value, members[0])]  # `cat_layers: -1`, as on the command line
         return [_typed(v, members[0]) for v in value] if members else value
     if origin is dict or tp is dict:
         if not isinstance(value, dict):

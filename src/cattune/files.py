@@ -34,6 +34,14 @@ def check_distinct_paths(inputs: dict[str, list], outputs: dict[str, list]) -> N
                                  "give them different paths")
 
 
+def model_inputs(reference: str | None, results: tuple[str, ...] = ("eval_results.json",)) -> list[Path]:
+    """A local model directory and its files, as inputs a command must not write over
+    (the evaluation results kept in it excepted); nothing for a hub id or built-in name."""
+    if not reference or not Path(reference).is_dir():
+        return []
+    return [Path(reference)] + [p for p in Path(reference).iterdir() if p.is_file() and p.name not in results]
+
+
 def check_writable_file(path: str | os.PathLike, option: str) -> None:
     """A file that can be (re)written: not a directory, and its directory, or the first
     existing one above it (missing ones are created on writing), takes new files."""

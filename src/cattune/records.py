@@ -3,7 +3,8 @@
 A line is ``{"input": PROMPT, "target": ANSWER, "important": ANNOTATION, ...}``.
 ``important`` says "when producing KEY, look at VALUE": either a list of one-key
 objects ``[{KEY: [VALUE, ...]}, ...]`` or one object ``{KEY: [...], KEY2: [...]}``.
-Every other field is kept in ``Record.meta`` and written back unchanged.
+Every other field is kept in ``Record.meta`` and written back. Text is read in Unicode
+NFC, so that an annotation typed in another normalisation form matches its prompt.
 """
 
 from __future__ import annotations
@@ -134,7 +135,9 @@ def _decode_lines(path: Path) -> Iterator[tuple[int, str | UnicodeDecodeError]]:
             text = data.decode("utf-16")
         except UnicodeDecodeError as e:
             raise RecordError(f"{path}: starts with a UTF-16 byte-order mark but is not UTF-16 ({e.reason})") from None
-        yield from enumerate(text.splitlines(), start=1)
+        # split on "\n" only: splitlines() would also cut at U+2028 and other characters
+        # that may stand raw inside a JSON string
+        yield from enumerate((line.rstrip("\r") for line in text.split("\n")), start=1)
         return
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -159,7 +162,10 @@ def _check_unicode(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_check_unicode(v) for v in obj]
     if isinstance(obj, dict):
-        return {_check_unicode(k): _check_unicode(v) for k, v in obj.items()}
+        out = {_check_unicode(k): _check_unicode(v) for k, v in obj.items()}
+        if len(out) != len(obj):
+            raise ValueError("two keys differ only in Unicode normalisation (NFC vs NFD)")
+        return out
     return obj
 
 

@@ -47,7 +47,7 @@ from typing import Callable
 
 from .evaluate import CHECKERS
 from .records import Record, load_config_file
-from .sources import SOURCE_KINDS, TARGET_TRANSFORMS, TaskError, load_file, load_hub, stg_split, stg_split_sizes
+from .sources import SOURCE_KINDS, TARGET_TRANSFORMS, TaskError, load_file, load_hub, stg_split
 
 
 # --------------------------------------------------------------------------- the task
@@ -116,11 +116,6 @@ class Task:
         return out
 
     # -- data
-    def split_names(self) -> list[str]:
-        if self.kind == "stg":
-            return list(stg_split_sizes(self.source["stg"]))
-        return list(self.source.get("files" if self.kind == "files" else "splits", {}))
-
     def with_files(self, files: dict[str, str], base_dir: str | os.PathLike | None = None) -> "Task":
         """A copy that reads the given splits from local JSONL files (rows in the paper's
         format as they are, other rows through the source's mapping); splits not

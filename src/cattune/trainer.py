@@ -302,6 +302,14 @@ class CATTrainer(Trainer):
         sums = [[sum(p[i] for p in self._cat_eval_metrics.get(k, ())) for i in (0, 1)]
                 for k in ("loss_attn", "attn_ratio")]
         records = self._eval_records_now
+        if self.args.eval_accuracy and records and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            # Sharded models gather weights in every forward: processes decoding different
+            # numbers of batches would wait on each other for ever.
+            if not getattr(self, "_warned_sharded_accuracy", False):
+                logger.warning("eval_accuracy is not computed with FSDP or DeepSpeed; evaluate the saved model "
+                               "with `cattune eval` instead")
+                self._warned_sharded_accuracy = True
+            records = []
         if self.args.eval_accuracy and records:
             # Every process decodes its own share of the records; the counts are summed.
             share = records[self.args.process_index::self.args.world_size]

@@ -196,8 +196,13 @@ def run(args) -> int:
     check_writable_dir(out, "--out")
     config = demo_config(args, variants)
     started = time.time()
-    # The demo trains afresh every time: the runner would keep runs finished under other options.
-    (out / RESULTS).unlink(missing_ok=True)
+    # The demo trains afresh every time (the runner would keep runs finished under other
+    # options), so it clears its own runs, and never an experiment's that shares the folder.
+    if (out / RESULTS).exists():
+        if not (out / "results.json").exists():
+            raise ValueError(f"--out {out} holds an experiment's {RESULTS} that the demo did not write; "
+                             "give the demo another --out")
+        (out / RESULTS).unlink()
     run_experiment(config, out=out, progress=True)
     results, _ = read_results(out / RESULTS)
     runs = _runs(out, results, config)

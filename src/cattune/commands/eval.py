@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..evaluate import CHECKERS, evaluate
-from ..files import check_distinct_paths, check_writable_file
+from ..files import check_distinct_paths, check_writable_file, model_inputs
 from ..models import load_model, training_settings
 from ..records import load_records
 from ..text import format_ratio
@@ -47,7 +47,7 @@ def run(args) -> int:
     in_model_dir = args.out is None and Path(args.model).is_dir()
     out = Path(args.out) if args.out else (Path(args.model) / "eval_results.json" if in_model_dir
                                            else Path("eval_results.json"))
-    check_distinct_paths(inputs={"--data": args.data}, outputs={"--out": [out]})
+    check_distinct_paths(inputs={"--data": args.data, "--model": model_inputs(args.model)}, outputs={"--out": [out]})
     check_writable_file(out, "--out")  # before the model loads and the evaluation runs
     on_error = "skip" if args.skip_invalid else "raise"
     datasets = {path: load_records(path, on_error=on_error) for path in args.data}  # bad input fails first
@@ -71,22 +71,36 @@ def run(args) -> int:
         ratio = "-" if res.attention_ratio is None else format_ratio(res.attention_ratio)
         rows.append([path, res.n, res.accuracy, ratio])
     print(format_table(["data", "n", "accuracy", "attn ratio"], rows))
-    kept = []
+    kept, weights = [], _weights_fingerprint(args.model)
     if in_model_dir:  # one file per model, one entry per data file: another evaluation adds, never erases
-        earlier = _read_results(out)
+        earlier = _read_results(out, weights)
         kept = [p for p in earlier if p not in results]
         results = {**{p: earlier[p] for p in kept}, **results}
-    write_json(out, {"model": args.model, "checker": args.checker, "settings": settings, "results": results})
+    write_json(out, {"model": args.model, "weights": weights, "checker": args.checker, "settings": settings,
+                     "results": results})
     print(f"wrote {out}" + (f" (in the model directory; kept earlier results for {len(kept)} other data file(s))"
                              if in_model_dir else ""))
     return 0
 
 
-def _read_results(path: Path) -> dict:
+def _weights_fingerprint(model: str) -> str | None:
+    """Names, sizes and times of a model directory's weight files: results of a model
+    trained again into the same directory are not kept beside the new ones."""
+    if not Path(model).is_dir():
+        return None
+    files = sorted(p for p in Path(model).iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def _read_results(path: Path, weights: str | None) -> dict:
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(earlier, dict) or not isinstance(earlier.get("results"), dict):
+        return {}
+    if earlier.get("weights") != weights:
+        print(f"{path}: earlier results are of other weights (the model was trained again): replaced",
+              file=sys.stderr)
         return {}
     return earlier["results"]

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ..explain import explain_record, plot_explanation, plot_ratio_curve
-from ..files import check_distinct_paths, check_writable_file
+from ..files import check_distinct_paths, check_writable_file, model_inputs
 from ..models import load_model, training_settings
 from ..records import Record, atomic_write_text, load_records
 from ..tasks import get_task
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    check_distinct_paths(inputs={"--data": [args.data], "--log": args.log or []},
+    check_distinct_paths(inputs={"--data": [args.data], "--log": args.log or [], "--model": model_inputs(args.model)},
                          outputs={"--out": [args.out], "--json": [args.json]})
     for option, path in (("--out", args.out), ("--json", args.json)):
         if path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -13,7 +15,7 @@ from transformers import HfArgumentParser
 from ..records import load_config_file, load_records
 from ..trainer import CATConfig, CATTrainer, end_distributed, lora_model
 from ..fields import typed_fields
-from ..files import check_distinct_paths, check_writable_dir
+from ..files import check_distinct_paths, check_writable_dir, model_inputs
 from ..models import load_model
 from .common import write_json
 
@@ -26,6 +28,10 @@ Several GPUs or processes: the same command runs under torchrun or accelerate, e
   torchrun --nproc_per_node 4 -m cattune.cli train --train T.jsonl --model M --out D
   accelerate launch --num_processes 4 -m cattune.cli train --train T.jsonl --model M --out D
 FSDP / DeepSpeed: pass --fsdp / --deepspeed CONFIG as for any Trainer (docs/distributed.md)."""
+
+
+# lora_model's own defaults (the release's setting), so that they are written once
+LORA = {k: p.default for k, p in inspect.signature(lora_model).parameters.items() if k != "model"}
 
 
 @dataclass
@@ -42,9 +48,9 @@ class TrainArguments:
                   "built from a config with a tokenizer trained on --train."},
     )
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
-    lora_r: int = field(default=64, metadata={"help": "LoRA rank (the release: 64)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the release: 32)."})
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (the release: 0.1)."})
+    lora_r: int = field(default=LORA["r"], metadata={"help": "LoRA rank (the release: 64)."})
+    lora_alpha: int = field(default=LORA["alpha"], metadata={"help": "LoRA alpha (the release: 32)."})
+    lora_dropout: float = field(default=LORA["dropout"], metadata={"help": "LoRA dropout (the release: 0.1)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub repository."})
     skip_invalid: bool = field(
         default=False, metadata={"help": "Leave out broken records (reported with file and line) instead of stopping."}
@@ -120,29 +126,78 @@ def run(args) -> int:
     return code
 
 
-def resume_checkpoint(config, overwrite: bool) -> str | None:
-    """The checkpoint to resume from: the one named, the last in --out for "true", and by
-    default the last in --out, so that re-running a killed command continues it instead
-    of starting again over its checkpoints."""
+RUN_FILE = ".cattune-run.json"  # what the run in --out trains: a resume must be the same run
+FINGERPRINT = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "cat_alpha",
+               "cat_gamma", "cat_gamma_decay", "cat_layers", "cat_span_columns", "cat_loss", "chat_template",
+               "max_length")
+
+
+def run_fingerprint(targs, config) -> dict:
+    """What makes two invocations the same run. The schedule's length is not in it, so a
+    resumed run may be given more steps or epochs."""
+    return {"train": str(Path(targs.train).resolve()), "model": targs.model, "lora": targs.lora,
+            **{name: getattr(config, name) for name in FINGERPRINT}}
+
+
+def resume_checkpoint(targs, config) -> str | None:
+    """The checkpoint to resume from. A path is taken as given; a bare
+    --resume_from_checkpoint (or "true") means the last in --out. Without it, re-running a
+    killed command continues from the last checkpoint in --out, but only if that run is
+    unfinished and had the same data, model and settings: anything else is an error
+    rather than a silent continuation of another run. --overwrite_output_dir removes an
+    earlier run's checkpoints and reports, then starts from step 0."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    named = config.resume_from_checkpoint
-    out = config.output_dir
-    last = get_last_checkpoint(out) if Path(out).is_dir() else None
+    named, out = config.resume_from_checkpoint, Path(config.output_dir)
+    if targs.overwrite_output_dir:
+        if named is not None:
+            raise ValueError("--overwrite_output_dir starts from step 0: drop --resume_from_checkpoint")
+        _remove_earlier_run(out)
+        return None
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if named is not None and str(named).lower() not in ("true", "1", "yes", "last"):
         return named
-    if named is not None and last is None:
-        raise ValueError(f"--resume_from_checkpoint: no checkpoint-N directory in --out {out}")
-    if named is None and (last is None or overwrite):
+    if named is not None:
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint: no checkpoint-N directory in --out {out}")
+        return last
+    if last is None:
         return None
+    hint = "pass --resume_from_checkpoint to continue it anyway, --overwrite_output_dir to start over, or another --out"
+    if (out / "train_report.json").exists():
+        raise ValueError(f"--out {out} holds a finished run (train_report.json, {Path(last).name}); {hint}")
+    try:
+        earlier = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    now = json.loads(json.dumps(run_fingerprint(targs, config)))  # as it reads back from the file
+    if earlier != now:
+        differ = sorted(k for k in now if not isinstance(earlier, dict) or earlier.get(k) != now[k])
+        raise ValueError(f"--out {out} holds checkpoints of another run (it differs in: "
+                         f"{', '.join(differ) or 'unknown settings'}); {hint}")
     return last
 
 
+def _remove_earlier_run(out: Path) -> None:
+    import shutil
+
+    if not out.is_dir() or int(os.environ.get("RANK", "0")) != 0:  # one process cleans up
+        return
+    stale = sorted(out.glob("checkpoint-*")) + [out / n for n in ("train_report.json", "eval_results.json", RUN_FILE)]
+    stale = [p for p in stale if p.exists()]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if stale:
+        print(f"--overwrite_output_dir: removed {len(stale)} checkpoint(s) and report(s) of an earlier run in {out}",
+              file=sys.stderr)
+
+
 def _train(targs, config) -> int:
-    check_distinct_paths(inputs={"--train": [targs.train], "--eval": [targs.eval]},
+    check_distinct_paths(inputs={"--train": [targs.train], "--eval": [targs.eval],
+                                 "--model": model_inputs(targs.model, results=())},
                          outputs={"--out": [config.output_dir]})
     check_writable_dir(config.output_dir, "--out")
-    resume = resume_checkpoint(config, targs.overwrite_output_dir)
+    resume = resume_checkpoint(targs, config)
     on_error = "skip" if targs.skip_invalid else "raise"
     train_records = load_records(targs.train, on_error=on_error)
     if not train_records:
@@ -167,6 +222,7 @@ def _train(targs, config) -> int:
     trainer = CATTrainer(model=model, args=config, train_dataset=train_records, eval_dataset=eval_records,
                          processing_class=tokenizer, base_model=base_model)
     if trainer.is_world_process_zero():
+        write_json(Path(config.output_dir) / RUN_FILE, run_fingerprint(targs, config))
         print(f"data: {json.dumps(trainer.encode_stats)}", file=sys.stderr)
         if resume:
             print(f"resuming from {resume}" + ("" if config.resume_from_checkpoint else

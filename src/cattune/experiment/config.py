@@ -119,7 +119,7 @@ def _coerce_train_args(args: dict, where: str) -> dict:
     """Check names and value types against CATConfig, before any run trains."""
     import typing
 
-    from ..trainer import CATConfig
+    from ..config import CATConfig
 
     return typed_fields(args, typing.get_type_hints(CATConfig), where, ConfigError,
                         "CATConfig/TrainingArguments field",
@@ -129,7 +129,7 @@ def _coerce_train_args(args: dict, where: str) -> dict:
 def _check_train_args(config: "ExperimentConfig", where: str) -> None:
     """Build every run's CATConfig once, so that a value TrainingArguments rejects fails now,
     not after the first runs trained."""
-    from ..trainer import CATConfig
+    from ..config import CATConfig
 
     for entry in config.tasks:
         for arm in config.arms:
@@ -184,9 +184,34 @@ def _model_entry(obj: Any, where: str) -> ModelEntry:
         lora = {}
     elif lora is False:
         lora = None
-    return ModelEntry(label=str(obj["name"]), path=path, tiny=dict(obj.get("tiny") or {}), lora=lora,
+    tiny = obj.get("tiny") or {}
+    _check_kwargs(tiny, _tiny_options(), f"{where}: tiny")
+    if lora is not None:
+        import inspect
+
+        from ..models import lora_model
+
+        _check_kwargs(lora, set(inspect.signature(lora_model).parameters) - {"model"}, f"{where}: lora")
+    return ModelEntry(label=str(obj["name"]), path=path, tiny=dict(tiny), lora=lora,
                       trust_remote_code=_flag(obj.get("trust_remote_code", False), f"{where}: trust_remote_code"),
                       raw=obj)
+
+
+def _tiny_options() -> set[str]:
+    import inspect
+
+    from ..tiny import TINY_CONFIG, build
+
+    return set(TINY_CONFIG) | (set(inspect.signature(build).parameters) - {"texts", "seed", "overrides"})
+
+
+def _check_kwargs(value: Any, allowed: set[str], where: str) -> None:
+    # LlamaConfig and friends swallow unknown keywords: a typo would silently change nothing.
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of options, got {value!r}")
+    unknown = sorted(str(k) for k in value if k not in allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown options {unknown}; allowed: {sorted(allowed)}")
 
 
 def _task_entry(obj: Any, where: str, base_dir: Path) -> TaskEntry:
@@ -229,6 +254,13 @@ def _task_entry(obj: Any, where: str, base_dir: Path) -> TaskEntry:
 
 
 def parse_config(data: dict, path: Path | None = None) -> ExperimentConfig:
+    try:
+        return _parse_config(data, path)
+    except (TypeError, AttributeError) as e:  # a value of a shape no check foresaw: still the config's fault
+        raise ConfigError(f"{path or 'config'}: a field has a value of the wrong type ({e})") from None
+
+
+def _parse_config(data: dict, path: Path | None = None) -> ExperimentConfig:
     where = str(path) if path else "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the config must be a mapping")

@@ -144,7 +144,8 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
         res = evaluate(model, tok, records, checker=entry.task.checker_fn, batch_size=config.eval["batch_size"],
                        max_new_tokens=config.eval["max_new_tokens"], progress=progress,
                        desc=f"{spec.run_id} {name}", span_columns=trainer.args.cat_span_columns,
-                       layers=trainer.args.cat_layers, chat_template=trainer.args.chat_template)
+                       layers=trainer.args.cat_layers, chat_template=trainer.args.chat_template,
+                       max_length=trainer.args.max_length)  # prompts cut as in training
         tests[name] = {"accuracy": res.accuracy, "n": res.n, "correct": res.correct,
                        "attention_ratio": res.attention_ratio}
         predictions[name] = res.predictions
