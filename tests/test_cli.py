@@ -164,3 +164,43 @@ def test_train_evaluates_during_training_and_keeps_the_best_checkpoint(tmp_path)
     assert [h["step"] for h in evals] == [2, 4]
     assert all("eval_attn_ratio" in h and "eval_loss_attn" in h for h in evals)
     assert report["eval"]["accuracy"] == max(h["eval_accuracy"] for h in evals)
+
+
+def _demo_runs(*rows):
+    return [{"variant": "E", "arm": arm, "seed": seed, "iid_test": iid, "ood_test": ood} for arm, seed, iid, ood in rows]
+
+
+def test_demo_prints_its_run_beside_the_readme_range():
+    from cattune.commands.demo import build_parser, reference_lines
+
+    parser = build_parser()
+    defaults = vars(parser.parse_args([]))
+    recipe = {"reference": {"command": "cattune experiment builtin:demo", "runs": "10 runs", "tasks": {"STG_E": {
+        "cat": {"ood_test": [85.0, 80.0, 90.0]},
+        "cat_minus_baseline": {"ood_test": [20.0, 14.0, 26.0]}}}}}
+    runs = _demo_runs(("baseline", 0, 0.74, 0.64), ("cat", 0, 0.9, 0.835))
+    lines = reference_lines(recipe, parser.parse_args(["--seeds", "1", "--out", "x"]), defaults, runs)
+    assert lines[1] == "  STG_E cat ood_test: this run 83.5; README 85.0 (80.0 to 90.0): within the measured range"
+    assert lines[2].startswith("  STG_E cat minus baseline ood_test: this run +19.5; README +20.0 (+14.0 to +26.0)")
+    low = _demo_runs(("baseline", 0, 0.74, 0.64), ("cat", 0, 0.9, 0.70), ("baseline", 1, 0.7, 0.6), ("cat", 1, 0.9, 0.8))
+    lines = reference_lines(recipe, parser.parse_args([]), defaults, low)
+    assert "this run 70.0, 80.0" in lines[1] and "1 of 2 outside the measured range" in lines[1]
+    # Other settings measure something else: no comparison, and it says why.
+    other = reference_lines(recipe, parser.parse_args(["--alpha", "5", "--lr", "0.01"]), defaults, runs)
+    assert other == ["Not compared with the README's figures: --lr, --alpha differ from the recipe's settings."]
+    assert reference_lines({}, parser.parse_args([]), defaults, runs) == []
+
+
+def test_a_malformed_reference_block_is_a_config_error():
+    from cattune.experiment.config import ConfigError, parse_config
+
+    base = {"tasks": ["STG_E"], "reference": {"command": "c", "runs": "r", "tasks": {"STG_E": {"cat": {"ood_test": [1, 2]}}}}}
+    with pytest.raises(ConfigError, match="reference: tasks.STG_E.cat"):
+        parse_config(base)
+    base["reference"]["tasks"]["STG_E"]["cat"]["ood_test"] = [85.0, 80, 90]
+    parse_config(base)
+
+
+def test_demo_rejects_zero_jobs(tmp_path):
+    r = cli("demo", "--out", str(tmp_path), "--jobs", "0")
+    assert r.returncode != 0 and "--jobs must be at least 1" in r.stderr and "Traceback" not in r.stderr

@@ -70,6 +70,27 @@ def test_config_defaults_and_plan(tmp_path):
     assert RunSpec("a/b c", "m", "cat", 3).run_id == "a-b-c__m__cat__seed3"
 
 
+def test_a_task_can_run_its_own_seeds(tmp_path):
+    cfg = load_config(micro(tmp_path, seeds=5, arms=["baseline"], tasks=[
+        {"task": "STG_E", "label": "E"}, {"task": "STG_H", "label": "H", "seeds": 2}]))
+    assert [(r.task, r.seed) for r in experiment.plan(cfg)] == [("E", s) for s in range(5)] + [("H", 0), ("H", 1)]
+    assert experiment.select(cfg, seeds=[4])(RunSpec("E", "tiny", "baseline", 4))
+    cfg.set_seeds([0])  # cattune experiment --seeds 1
+    assert [(r.task, r.seed) for r in experiment.plan(cfg)] == [("E", 0), ("H", 0)]
+    with pytest.raises(ConfigError, match=r"tasks\[0\]: seeds"):
+        load_config(micro(tmp_path, tasks=[{"task": "STG_E", "seeds": [1, 1]}]))
+
+
+def test_shipped_smollm2_config():
+    cfg = load_config("builtin:smollm2_stg")
+    runs = experiment.plan(cfg)
+    # STG_E: 3 arms x 5 seeds; STG_H, 3x costlier per run: 3 seeds
+    assert sum(r.task == "STG_E" for r in runs) == 15 and sum(r.task == "STG_H" for r in runs) == 9
+    assert cfg.keeps_model(0) and not cfg.keeps_model(1)
+    assert cfg.train["learning_rate"] == 5e-5 and cfg.train["chat_template"] and cfg.train["num_train_epochs"] == 2
+    assert cfg.models[0].path == "builtin:smollm2-135m-instruct" and cfg.tasks[1].train_limit == 1000
+
+
 def test_shipped_stg_config():
     cfg = load_config("builtin:stg")
     assert len(cfg.seeds) >= 5 and cfg.arms == ["baseline", "cat", "placebo"]
@@ -358,16 +379,32 @@ def test_only_some_seeds_arms_and_tasks(tmp_path, capsys):
 
 
 def test_settings_hash_of_shipped_configs_is_stable():
-    """Finished runs in results.jsonl are matched by this hash: moving the tuned settings
-    into the demo recipe must not change it (values recorded before the move)."""
+    """Finished runs in results.jsonl are matched by this hash: it changes with the
+    settings and with nothing else (values recorded when lr 3e-4 became the demo's)."""
     assert experiment.DEFAULT_TRAIN == {
-        "num_train_epochs": 30, "learning_rate": 1e-3, "per_device_train_batch_size": 16, "warmup_steps": 0.1,
+        "num_train_epochs": 30, "learning_rate": 3e-4, "per_device_train_batch_size": 16, "warmup_steps": 0.1,
         "lr_scheduler_type": "cosine", "cat_alpha": 2000.0, "cat_gamma": 1.0, "cat_gamma_decay": 0.0,
         "cat_layers": [-1], "cat_span_columns": "last_word", "logging_steps": 50}
     cfg = load_config("builtin:stg")
     hashes = {(t.label, arm): experiment.settings_hash(cfg, t, cfg.models[0], arm)
               for t in cfg.tasks for arm in cfg.arms}
-    assert hashes[("STG_E_M", "baseline")] == "2cfd91de59c2" and hashes[("STG_E_M", "cat")] == "238bd83a1762"
-    assert hashes[("STG_H_L", "cat")] == "6f415d2e1368" and hashes[("STG_E_S", "placebo")] == "3710229510ba"
+    assert hashes[("STG_E_M", "baseline")] == "be9cd4a8a126" and hashes[("STG_E_M", "cat")] == "dcf9811a5ac6"
+    assert hashes[("STG_H_L", "cat")] == "4e9357ee0a37" and hashes[("STG_E_S", "placebo")] == "95bf7ec5a47e"
+    # STG_H keeps its own learning rate, tuned with it
+    assert experiment.train_args_for(cfg, cfg.tasks[5], "cat")["learning_rate"] == 1e-3
     e_m = load_config(Path(__file__).resolve().parents[1] / "experiments" / "stg_e_m.yaml")
-    assert experiment.settings_hash(e_m, e_m.tasks[0], e_m.models[0], "cat") == "32c4aae090e3"
+    assert experiment.settings_hash(e_m, e_m.tasks[0], e_m.models[0], "cat") == "2ad59c764e19"
+
+
+def test_save_models_can_keep_only_some_seeds(tmp_path):
+    cfg = load_config(micro(tmp_path, arms=["baseline"], save_models=[1], tasks=[
+        {"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 8, "test_limit": 2}]))
+    assert [cfg.keeps_model(s) for s in (0, 1)] == [False, True]
+    run_experiment(cfg, out=tmp_path / "out", log=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "out" / "models").iterdir()) == ["E__tiny__baseline__seed1"]
+    # each result says where it ran: figures move between CPUs
+    ran = lines(tmp_path / "out" / "results.jsonl")[0]["execution"]
+    assert ran["device"] == "cpu" and ran["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert ran["threads"] == torch.get_num_threads() and ran["torch"] == torch.__version__
+    with pytest.raises(ConfigError, match="save_models must be true, false or a list of seeds"):
+        load_config(micro(tmp_path, save_models="seed 0"))

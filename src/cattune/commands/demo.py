@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="STG_E training split (STG_H trains on its 3000 records)")
     p.add_argument("--epochs", type=float, default=e_args["num_train_epochs"], help="STG_E training epochs")
     p.add_argument("--h-epochs", type=float, default=h_args["num_train_epochs"], help="STG_H training epochs")
-    p.add_argument("--lr", type=float, default=train["learning_rate"],
-                   help="learning rate (cosine schedule, 10%% warm-up)")
+    p.add_argument("--lr", type=float, default=e_args["learning_rate"],
+                   help="STG_E learning rate (cosine schedule, 10%% warm-up)")
+    p.add_argument("--h-lr", type=float, default=h_args["learning_rate"], help="STG_H learning rate")
     p.add_argument("--batch-size", type=int, default=train["per_device_train_batch_size"], help="per-step batch size")
     p.add_argument("--gamma", type=float, default=train["cat_gamma"], help="CAT arm: Re-Attention loss weight")
     p.add_argument("--alpha", type=float, default=e_args["cat_alpha"],
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="value tokens that become causal columns ('all' = the paper's whole span)")
     p.add_argument("--threads", type=int, default=recipe["threads"],
                    help="torch CPU threads; the tiny model's ops are too small to gain from more (0: torch's default)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train N runs at once, each in its own process with --threads threads; the results are "
+                   "those of one run at a time")
     p.add_argument("--limit", type=int, default=0, help="use only the first N records of each split (quick checks)")
     return p
 
@@ -95,12 +99,13 @@ def demo_config(args, variants: list[str]):
     data["seeds"] = args.seeds
     data["threads"] = args.threads or None
     data["save_models"] = True  # `cattune explain --model OUT/STG_E_cat_seed0`
-    data["train"].update(learning_rate=args.lr, per_device_train_batch_size=args.batch_size, cat_gamma=args.gamma,
+    data["train"].update(per_device_train_batch_size=args.batch_size, cat_gamma=args.gamma,
                          cat_span_columns=args.span_columns, logging_steps=LOG_POINTS, use_cpu=True)
     per_variant = {
-        "E": {"train": args.split, "num_train_epochs": args.epochs, "cat_alpha": args.alpha,
-              "cat_gamma_decay": args.gamma_decay, "cat_layers": args.layers},
-        "H": {"num_train_epochs": args.h_epochs, "cat_alpha": args.h_alpha, "cat_gamma_decay": args.h_gamma_decay,
+        "E": {"train": args.split, "num_train_epochs": args.epochs, "learning_rate": args.lr,
+              "cat_alpha": args.alpha, "cat_gamma_decay": args.gamma_decay, "cat_layers": args.layers},
+        "H": {"num_train_epochs": args.h_epochs, "learning_rate": args.h_lr, "cat_alpha": args.h_alpha,
+              "cat_gamma_decay": args.h_gamma_decay,
               "cat_layers": args.h_layers},
     }
     tasks = []
@@ -158,6 +163,49 @@ def summarize(runs: list[dict]) -> list[list]:
     return rows
 
 
+# Options that do not change what one seed's run should measure (the thread count does
+# not change the tiny model's results): a run under them is comparable with the recipe's
+# reference figures.
+_COMPARABLE_OPTIONS = ("out", "seeds", "variants", "threads", "jobs")
+
+
+def reference_lines(recipe: dict, args, defaults: dict, runs: list[dict]) -> list[str]:
+    """This run beside the figures the README quotes (the recipe's ``reference:`` block).
+
+    Figures move between machines (other CPU kernels, other float reduction orders), so
+    the reference is a range over seeds and two executions; a run inside it is typical.
+    """
+    ref = recipe.get("reference")
+    if not ref:
+        return []
+    changed = [k for k, v in vars(args).items() if k not in _COMPARABLE_OPTIONS and v != defaults.get(k)]
+    if changed:
+        options = ", ".join("--" + k.replace("_", "-") for k in changed)
+        return [f"Not compared with the README's figures: {options} differ from the recipe's settings."]
+    lines = [f"This run beside the README's figures (`{ref['command']}`, {ref['runs']}; accuracy in %, "
+             "mean (lowest to highest)):"]
+    for task, arms in ref["tasks"].items():
+        variant = task.removeprefix("STG_")
+        for arm, splits in arms.items():
+            for split, (mean, low, high) in splits.items():
+                if arm == "cat_minus_baseline":
+                    mine = [100 * (c[split] - b[split]) for c in runs for b in runs
+                            if c["variant"] == b["variant"] == variant and c["seed"] == b["seed"]
+                            and c["arm"] == "cat" and b["arm"] == "baseline"]
+                else:
+                    mine = [100 * r[split] for r in runs if r["variant"] == variant and r["arm"] == arm]
+                if not mine:
+                    continue
+                outside = [m for m in mine if not low - 0.05 <= m <= high + 0.05]
+                verdict = "within the measured range" if not outside else \
+                    f"{len(outside)} of {len(mine)} outside the measured range"
+                values = ", ".join(f"{m:+.1f}" if arm == "cat_minus_baseline" else f"{m:.1f}" for m in mine)
+                sign = "+" if arm == "cat_minus_baseline" else ""
+                lines.append(f"  {task} {arm.replace('_', ' ')} {split}: this run {values}; README "
+                             f"{mean:{sign}.1f} ({low:{sign}.1f} to {high:{sign}.1f}): {verdict}")
+    return lines
+
+
 def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -188,6 +236,8 @@ def plot(runs: list[dict], path: Path) -> None:
 def run(args) -> int:
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
+    if args.jobs < 1:
+        raise ValueError("--jobs must be at least 1")
     variants = [v.strip().upper() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
@@ -203,15 +253,19 @@ def run(args) -> int:
             raise ValueError(f"--out {out} holds an experiment's {RESULTS} that the demo did not write; "
                              "give the demo another --out")
         (out / RESULTS).unlink()
-    run_experiment(config, out=out, progress=True)
+    run_experiment(config, out=out, progress=args.jobs == 1, jobs=args.jobs)
     results, _ = read_results(out / RESULTS)
     runs = _runs(out, results, config)
     _keep_models(out, results)
     table = format_table(["benchmark", "arm", "test set", "seeds", "accuracy", "range"], summarize(runs))
     print(table)
+    _, recipe = _recipe()
+    reference = reference_lines(recipe, args, vars(build_parser().parse_args([])), runs)
+    for line in reference:
+        print(line)
     settings = {k: v for k, v in vars(args).items()}
     write_json(out / "results.json", {"settings": settings, "runs": runs, "table": summarize(runs),
-                                      "seconds": round(time.time() - started, 1)})
+                                      "reference": reference, "seconds": round(time.time() - started, 1)})
     plot(runs, out / "demo.png")
     from ..explain import plot_ratio_curve
 

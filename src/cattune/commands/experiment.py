@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="experiment YAML/JSON file, or builtin:NAME for a shipped one")
     p.add_argument("--out", help="output directory (default: the config's 'output', relative to the current directory)")
-    p.add_argument("--seeds", type=int, metavar="N", help="override the config's seeds with 0..N-1")
+    p.add_argument("--seeds", type=int, metavar="N", help="run seeds 0..N-1 for every task (overrides the config's and the tasks' seeds)")
     p.add_argument("--only-seeds", type=_int_list, metavar="S,S", help="run only these seeds, e.g. 0 or 0,3 "
                    "(to reproduce one cell of a grid); the summary covers every finished run")
     p.add_argument("--only-arms", type=_name_list, metavar="ARM,ARM", help=f"run only these arms ({', '.join(ARMS)})")
@@ -53,7 +53,7 @@ def _name_list(text: str) -> list[str]:
 def run(args) -> int:
     config = load_config(args.config)
     if args.seeds is not None:
-        config.seeds = _seeds(args.seeds, "--seeds")
+        config.set_seeds(_seeds(args.seeds, "--seeds"))
     only = select(config, args.only_seeds, args.only_arms, args.only_tasks)
     if args.threads:
         config.threads = args.threads

@@ -34,8 +34,8 @@ RESERVED_TRAIN = ("output_dir", "seed", "save_strategy", "report_to")
 DEFAULT_EVAL = {"batch_size": 32, "max_new_tokens": None}
 
 _CONFIG_KEYS = {"name", "output", "seeds", "arms", "models", "tasks", "task_files", "train", "arm_args", "eval",
-                "save_models", "save_predictions", "threads", "description"}
-_TASK_ENTRY_KEYS = {"task", "label", "train", "test", "files", "train_limit", "test_limit", "train_args"}
+                "save_models", "save_predictions", "threads", "description", "reference"}
+_TASK_ENTRY_KEYS = {"task", "label", "train", "test", "files", "train_limit", "test_limit", "train_args", "seeds"}
 _MODEL_KEYS = {"name", "path", "tiny", "lora", "trust_remote_code"}
 
 
@@ -52,6 +52,7 @@ class TaskEntry:
     train_limit: int | None = None
     test_limit: int | None = None
     train_args: dict = field(default_factory=dict)
+    seeds: list[int] | None = None  # this task's own seeds (a costly task runs fewer); else the config's
     raw: Any = None
 
 
@@ -80,10 +81,24 @@ class ExperimentConfig:
     train: dict
     arm_args: dict[str, dict]
     eval: dict
-    save_models: bool = False
+    save_models: bool | list[int] = False  # True, or the seeds whose models are kept
     save_predictions: bool = False
     threads: int | None = None
     path: Path | None = None
+
+    def seeds_of(self, task: str) -> list[int]:
+        """The seeds a task runs: its own ``seeds`` if it has them, else the config's."""
+        entry = next((t for t in self.tasks if t.label == task), None)
+        return entry.seeds if entry is not None and entry.seeds else self.seeds
+
+    def set_seeds(self, seeds: list[int]) -> None:
+        """Every task runs these seeds (``cattune experiment --seeds``)."""
+        self.seeds = seeds
+        for t in self.tasks:
+            t.seeds = None
+
+    def keeps_model(self, seed: int) -> bool:
+        return self.save_models is True or (isinstance(self.save_models, list) and seed in self.save_models)
 
 
 @dataclass(frozen=True)
@@ -152,6 +167,16 @@ def _flag(value: Any, where: str) -> bool:
         return _typed(value, bool)
     except TypeError:
         raise ConfigError(f"{where} must be true or false, got {value!r}") from None
+
+
+def _save_models(value: Any, where: str) -> bool | list[int]:
+    # A list keeps the models of those seeds only: a real model's weights are large.
+    if isinstance(value, list):
+        return _seeds(value, where)
+    try:
+        return _flag(value, where)
+    except ConfigError:
+        raise ConfigError(f"{where} must be true, false or a list of seeds, got {value!r}") from None
 
 
 def _seeds(value: Any, where: str) -> list[int]:
@@ -248,9 +273,10 @@ def _task_entry(obj: Any, where: str, base_dir: Path) -> TaskEntry:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ConfigError(f"{where}: {name} must be a positive integer")
     train_args = _coerce_train_args(dict(obj.get("train_args") or {}), f"{where} train_args")
+    seeds = _seeds(obj["seeds"], f"{where}: seeds") if obj.get("seeds") is not None else None
     return TaskEntry(label=label, task=task, train_split=str(train_split), tests=tests,
                      train_limit=obj.get("train_limit"), test_limit=obj.get("test_limit"),
-                     train_args=train_args, raw=obj)
+                     train_args=train_args, seeds=seeds, raw=obj)
 
 
 def parse_config(data: dict, path: Path | None = None) -> ExperimentConfig:
@@ -309,16 +335,33 @@ def _parse_config(data: dict, path: Path | None = None) -> ExperimentConfig:
     ev.update(ev_raw)
     ev["batch_size"] = _positive_int(ev["batch_size"], f"{where}: eval.batch_size", allow_none=False)
     ev["max_new_tokens"] = _positive_int(ev["max_new_tokens"], f"{where}: eval.max_new_tokens")
+    _check_reference(data.get("reference"), f"{where}: reference")
     output = Path(data.get("output") or f"{name}_results")
     config = ExperimentConfig(
         name=name, output=output, seeds=_seeds(data.get("seeds", 1), f"{where}: seeds"), arms=list(arms),
         models=model_entries, tasks=task_entries, train=train, arm_args=arm_args, eval=ev,
-        save_models=_flag(data.get("save_models", False), f"{where}: save_models"),
+        save_models=_save_models(data.get("save_models", False), f"{where}: save_models"),
         save_predictions=_flag(data.get("save_predictions", False), f"{where}: save_predictions"),
         threads=_positive_int(data.get("threads"), f"{where}: threads"), path=path,
     )
     _check_train_args(config, where)
     return config
+
+
+def _check_reference(ref: Any, where: str) -> None:
+    # The figures a recipe measured, which `cattune demo` prints a run beside; the runner
+    # ignores them. {command, runs, tasks: {LABEL: {ARM: {TEST: [mean, low, high]}}}}
+    if ref is None:
+        return
+    if not isinstance(ref, dict) or not {"command", "runs", "tasks"} <= set(ref) or not isinstance(ref["tasks"], dict):
+        raise ConfigError(f"{where}: must be a mapping with 'command', 'runs' and 'tasks'")
+    for task, arms in ref["tasks"].items():
+        for arm, tests in (arms or {}).items() if isinstance(arms, dict) else [(None, None)]:
+            ok = isinstance(tests, dict) and all(
+                isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+                for v in tests.values())
+            if not ok:
+                raise ConfigError(f"{where}: tasks.{task}.{arm}: give {{TEST: [mean, low, high]}} per arm")
 
 
 def load_config(spec: str | os.PathLike) -> ExperimentConfig:
@@ -331,7 +374,7 @@ def plan(config: ExperimentConfig) -> list[RunSpec]:
     """Every run, in execution order: task, model, seed, then arm (so that the arms of a
     seed finish together and paired differences grow run by run)."""
     return [RunSpec(t.label, m.label, arm, seed)
-            for t in config.tasks for m in config.models for seed in config.seeds for arm in config.arms]
+            for t in config.tasks for m in config.models for seed in config.seeds_of(t.label) for arm in config.arms]
 
 
 def train_args_for(config: ExperimentConfig, entry: TaskEntry, arm: str) -> dict:
@@ -354,7 +397,8 @@ def select(config: ExperimentConfig, seeds: list[int] | None = None, arms: list[
            tasks: list[str] | None = None) -> Callable[[RunSpec], bool] | None:
     """A filter on the planned runs: some seeds, arms and task labels (each must be in the
     config). The config itself is unchanged, so summaries still cover every finished run."""
-    for what, chosen, have in (("seed", seeds, config.seeds), ("arm", arms, config.arms),
+    all_seeds = sorted({s for t in config.tasks for s in config.seeds_of(t.label)})
+    for what, chosen, have in (("seed", seeds, all_seeds), ("arm", arms, config.arms),
                                ("task", tasks, [t.label for t in config.tasks])):
         missing = [x for x in chosen or [] if x not in have]
         if missing:

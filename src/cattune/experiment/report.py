@@ -159,7 +159,7 @@ def summary_plots(out: Path, results: list[dict], config: ExperimentConfig | Non
     for (task, model), runs in groups.items():
         seeds = {int(r["seed"]) for r in runs}
         # The config's first seed is the one whose runs drew heatmaps (run_one).
-        first = config.seeds[0] if config and config.seeds[0] in seeds else min(seeds)
+        first = config.seeds_of(task)[0] if config and config.seeds_of(task)[0] in seeds else min(seeds)
         runs = sorted((r for r in runs if int(r["seed"]) == first), key=lambda r: ARMS.index(r["arm"]))
         lines = []
         logs = {r["arm"]: out / r["log"] for r in runs if (out / r["log"]).is_file()}

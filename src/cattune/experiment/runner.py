@@ -135,7 +135,7 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
         shutil.rmtree(tmp, ignore_errors=True)
     train_seconds = time.time() - started
     history = trainer.state.log_history
-    if config.save_models:
+    if config.keeps_model(spec.seed):
         model_dir = out / "models" / spec.run_id
         trainer.save_model(str(model_dir))
         tok.save_pretrained(str(model_dir))
@@ -150,7 +150,7 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
                        "attention_ratio": res.attention_ratio}
         predictions[name] = res.predictions
     attention_plot = None
-    if spec.seed == config.seeds[0]:  # one heatmap per task, model and arm
+    if spec.seed == config.seeds_of(spec.task)[0]:  # one heatmap per task, model and arm
         from ..explain import plot_record
 
         name, records = list(data.tests.items())[-1]
@@ -185,7 +185,20 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
         "log": str(log_path.relative_to(out)),
         "attention_plot": attention_plot,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "execution": execution(trainer.args.device),
     }
+
+
+def execution(device) -> dict:
+    """What decides a run's floating-point results besides its settings: the same run on
+    another CPU (other vector kernels, other reduction orders) can end elsewhere."""
+    import platform
+
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else str(device)}
 
 
 @dataclass
