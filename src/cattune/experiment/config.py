@@ -355,12 +355,14 @@ def _check_reference(ref: Any, where: str) -> None:
         return
     if not isinstance(ref, dict) or not {"command", "runs", "tasks"} <= set(ref) or not isinstance(ref["tasks"], dict):
         raise ConfigError(f"{where}: must be a mapping with 'command', 'runs' and 'tasks'")
+    def triple(v: Any) -> bool:
+        return isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+
     for task, arms in ref["tasks"].items():
-        for arm, tests in (arms or {}).items() if isinstance(arms, dict) else [(None, None)]:
-            ok = isinstance(tests, dict) and all(
-                isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
-                for v in tests.values())
-            if not ok:
+        if not isinstance(arms, dict):
+            raise ConfigError(f"{where}: tasks.{task}: give {{ARM: {{TEST: [mean, low, high]}}}}")
+        for arm, tests in arms.items():
+            if not isinstance(tests, dict) or not all(triple(v) for v in tests.values()):
                 raise ConfigError(f"{where}: tasks.{task}.{arm}: give {{TEST: [mean, low, high]}} per arm")
 
 
@@ -374,7 +376,7 @@ def plan(config: ExperimentConfig) -> list[RunSpec]:
     """Every run, in execution order: task, model, seed, then arm (so that the arms of a
     seed finish together and paired differences grow run by run)."""
     return [RunSpec(t.label, m.label, arm, seed)
-            for t in config.tasks for m in config.models for seed in config.seeds_of(t.label) for arm in config.arms]
+            for t in config.tasks for m in config.models for seed in (t.seeds or config.seeds) for arm in config.arms]
 
 
 def train_args_for(config: ExperimentConfig, entry: TaskEntry, arm: str) -> dict:
