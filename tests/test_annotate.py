@@ -630,3 +630,17 @@ def test_a_rejection_that_does_not_name_the_format_is_not_a_fallback(format_stub
     assert [f["type"] for f in stub.formats] == ["json_schema", "json_schema"]
     report = json.loads((tmp_path / "out.report.json").read_text())
     assert (report["rejected"], report["structured_fallback"], report["response_format"]) == (1, None, "json_schema")
+
+
+def test_check_truncates_as_training_does_by_default(tmp_path, capsys):
+    # a causal value 300 words before the answer: training (max_length 256) cuts it off,
+    # so the check must say so unless told a larger max_length
+    filler = " ".join(["word"] * 300)
+    rec = {"input": f"Alice: 7. {filler}. Who? Answer: ", "target": "7", "important": [{"7": ["Alice"]}]}
+    inp = tmp_path / "in.jsonl"
+    write_jsonl(inp, [rec])
+    assert annotate("--check", "--input", inp, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["by_reason"] == {"cut by max_length": 1}
+    assert annotate("--check", "--input", inp, "--json", "--max-length", "1000", "--strict") == 0
+    assert json.loads(capsys.readouterr().out)["aligned"] == 1

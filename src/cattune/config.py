@@ -9,7 +9,7 @@ from transformers import TrainingArguments
 
 from .evaluate import CHECKERS
 from .loss import LOSS_KINDS
-from .masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
+from .masks import DEFAULT_MAX_LENGTH, DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 
 
 @dataclass
@@ -102,7 +102,7 @@ class CATConfig(TrainingArguments):
         default=None,
         metadata={"help": "Layers whose attention the loss averages (0 = first, -1 = last); default all, as in the paper."},
     )
-    max_length: int = field(default=256, metadata={"help": "Maximum tokens per record (prompt cut from the left)."})
+    max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Maximum tokens per record (prompt cut from the left)."})
     answer_logits_only: bool = field(
         default=False,
         metadata={"help": "Compute the LM head (logits over the vocabulary) only at the positions that predict a "

@@ -32,6 +32,7 @@ from .records import Record
 SPAN_COLUMNS = ("all", "last", "last_word")
 # What every caller uses unless told otherwise, encode_record included (docs/defaults.md).
 DEFAULT_SPAN_COLUMNS = "last_word"
+DEFAULT_MAX_LENGTH = 256  # tokens per record in training (CATConfig.max_length) and in its checks
 
 
 @dataclass

@@ -26,14 +26,16 @@ from ..annotate.output import check_paths, lock_path_for, report_path_for
 from ..annotate.pipeline import annotate_file, check_alignment, rules_annotator
 from ..annotate.prompt import load_demos, load_instructions, read_records
 from ..annotate.secrets import Redactor
-from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
+from ..masks import DEFAULT_MAX_LENGTH, DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from ..records import Record
 
 def _load_tokenizer(args, items):
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(args.tokenizer, use_fast=True), args.tokenizer
+        from ..models import resolve_model
+
+        return AutoTokenizer.from_pretrained(resolve_model(args.tokenizer), use_fast=True), args.tokenizer
     from ..tiny import train_tokenizer
 
     texts = [record.text for _, record in items]
@@ -164,12 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     chk = p.add_argument_group("--check")
-    chk.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory or Hub name for AutoTokenizer "
+    chk.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory, Hub name or builtin:NAME model (e.g. builtin:smollm2-135m-instruct) "
                      "(default: a BPE tokenizer trained on the input, see --tokenizer-kind)")
     chk.add_argument("--tokenizer-kind", choices=("bytelevel", "metaspace"), default="bytelevel",
                      help="kind of tokenizer trained when --tokenizer is not given (default: %(default)s)")
-    chk.add_argument("--max-length", metavar="N", type=int, help="truncate records to this many tokens, as training would "
-                     "(default: no limit)")
+    chk.add_argument("--max-length", metavar="N", type=int, default=DEFAULT_MAX_LENGTH,
+                     help="truncate records to this many tokens, as training does (default: training's, %(default)s)")
     chk.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
                      help="which tokens of a value become columns, as in training (default: %(default)s)")
     chk.add_argument("--json", action="store_true", help="print the result as JSON")

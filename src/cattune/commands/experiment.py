@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..experiment import ARMS, RESULTS, load_config, read_results, run_experiment, select, summary_markdown, write_summary
-from ..experiment.config import _seeds
+from ..experiment.config import parse_seeds
 from ..files import check_writable_dir
 
 
@@ -53,7 +53,7 @@ def _name_list(text: str) -> list[str]:
 def run(args) -> int:
     config = load_config(args.config)
     if args.seeds is not None:
-        config.set_seeds(_seeds(args.seeds, "--seeds"))
+        config.set_seeds(parse_seeds(args.seeds, "--seeds"))
     only = select(config, args.only_seeds, args.only_arms, args.only_tasks)
     if args.threads:
         config.threads = args.threads

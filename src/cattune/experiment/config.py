@@ -172,14 +172,16 @@ def _flag(value: Any, where: str) -> bool:
 def _save_models(value: Any, where: str) -> bool | list[int]:
     # A list keeps the models of those seeds only: a real model's weights are large.
     if isinstance(value, list):
-        return _seeds(value, where)
+        return parse_seeds(value, where)
     try:
         return _flag(value, where)
     except ConfigError:
         raise ConfigError(f"{where} must be true, false or a list of seeds, got {value!r}") from None
 
 
-def _seeds(value: Any, where: str) -> list[int]:
+def parse_seeds(value: Any, where: str) -> list[int]:
+    """A seed count (3 -> [0, 1, 2]) or a list of distinct integers; ``where`` names the
+    setting in the error."""
     if isinstance(value, bool):
         raise ConfigError(f"{where}: seeds must be a count or a list of integers")
     if isinstance(value, int):
@@ -273,7 +275,7 @@ def _task_entry(obj: Any, where: str, base_dir: Path) -> TaskEntry:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ConfigError(f"{where}: {name} must be a positive integer")
     train_args = _coerce_train_args(dict(obj.get("train_args") or {}), f"{where} train_args")
-    seeds = _seeds(obj["seeds"], f"{where}: seeds") if obj.get("seeds") is not None else None
+    seeds = parse_seeds(obj["seeds"], f"{where}: seeds") if obj.get("seeds") is not None else None
     return TaskEntry(label=label, task=task, train_split=str(train_split), tests=tests,
                      train_limit=obj.get("train_limit"), test_limit=obj.get("test_limit"),
                      train_args=train_args, seeds=seeds, raw=obj)
@@ -338,7 +340,7 @@ def _parse_config(data: dict, path: Path | None = None) -> ExperimentConfig:
     _check_reference(data.get("reference"), f"{where}: reference")
     output = Path(data.get("output") or f"{name}_results")
     config = ExperimentConfig(
-        name=name, output=output, seeds=_seeds(data.get("seeds", 1), f"{where}: seeds"), arms=list(arms),
+        name=name, output=output, seeds=parse_seeds(data.get("seeds", 1), f"{where}: seeds"), arms=list(arms),
         models=model_entries, tasks=task_entries, train=train, arm_args=arm_args, eval=ev,
         save_models=_save_models(data.get("save_models", False), f"{where}: save_models"),
         save_predictions=_flag(data.get("save_predictions", False), f"{where}: save_predictions"),
