@@ -396,11 +396,15 @@ def test_settings_hash_of_shipped_configs_is_stable():
     assert experiment.settings_hash(e_m, e_m.tasks[0], e_m.models[0], "cat") == "2ad59c764e19"
 
 
-def test_save_models_can_keep_only_some_seeds(tmp_path):
+def test_save_models_can_keep_only_some_seeds(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
     cfg = load_config(micro(tmp_path, arms=["baseline"], save_models=[1], tasks=[
         {"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 8, "test_limit": 2}]))
     assert [cfg.keeps_model(s) for s in (0, 1)] == [False, True]
     run_experiment(cfg, out=tmp_path / "out", log=lambda m: None)
+    # without --progress, no bars from transformers either (writing the kept model's weights)
+    assert "Writing model shards" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
     assert sorted(p.name for p in (tmp_path / "out" / "models").iterdir()) == ["E__tiny__baseline__seed1"]
     # each result says where it ran: figures move between CPUs
     ran = lines(tmp_path / "out" / "results.jsonl")[0]["execution"]

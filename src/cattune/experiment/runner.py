@@ -108,7 +108,25 @@ def _build_model(model: ModelEntry, data: TaskData, seed: int):
 
 def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry, spec: RunSpec, data: TaskData,
             out: Path, progress: bool = False) -> dict:
-    """Train one arm on one seed and evaluate it on every test set: the result line."""
+    """Train one arm on one seed and evaluate it on every test set: the result line.
+
+    Without ``progress``, transformers' own bars (loading and writing weights) are off
+    too, so that a log of many runs (or of parallel jobs) holds only the runner's lines.
+    """
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        return _run_one(config, entry, model_entry, spec, data, out, progress)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry, spec: RunSpec, data: TaskData,
+             out: Path, progress: bool) -> dict:
     from ..evaluate import evaluate
     from ..trainer import CATConfig, CATTrainer
 
