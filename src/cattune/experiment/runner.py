@@ -6,8 +6,8 @@ set of its task. Outputs, in the output directory:
 - ``results.jsonl``: one line per finished run, appended and flushed as it finishes. A
   killed experiment started again skips the runs already there, identified by
   (task, model, arm, seed); a half-written last line is dropped.
-- ``summary.md`` / ``summary.csv`` (``cattune.experiment.report``), rewritten atomically
-  after every run; summary.md embeds the plots below.
+- ``summary.md`` / ``summary.csv`` / ``runs.csv`` (``cattune.experiment.report``),
+  rewritten atomically after every run; summary.md embeds the plots below.
 - ``plots/``: per task and model the attention-ratio curves of the first seed's arms,
   and for the first seed each run's heatmap of the first record of its last test set.
 - ``logs/RUN.json``: the trainer's log history (loss_ce, loss_attn, attn_ratio, ...),
