@@ -89,6 +89,12 @@ def test_shipped_smollm2_config():
     assert cfg.keeps_model(0) and not cfg.keeps_model(1)
     assert cfg.train["learning_rate"] == 5e-5 and cfg.train["chat_template"] and cfg.train["num_train_epochs"] == 2
     assert cfg.models[0].path == "builtin:smollm2-135m-instruct" and cfg.tasks[1].train_limit == 1000
+    # the committed results (README's headline) are this recipe's: a changed setting must
+    # come with a re-run, or a re-run of one seed would not be comparable with them
+    committed = Path(__file__).resolve().parents[1] / "docs" / "results" / "smollm2_stg" / "results.jsonl"
+    entries = {t.label: t for t in cfg.tasks}
+    for line in lines(committed):
+        assert line["settings"] == experiment.settings_hash(cfg, entries[line["task"]], cfg.models[0], line["arm"]), line
 
 
 def test_shipped_stg_config():
