@@ -32,6 +32,7 @@ def micro(tmp_path: Path, **over) -> Path:
         "seeds": 2,
         "arms": ["baseline", "cat", "placebo"],
         "models": [{"name": "tiny", "tiny": TINY}],
+        "train_from": "builtin:demo",
         "train": {"max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1, "learning_rate": "3e-3",
                   "use_cpu": True},
         "eval": {"batch_size": 16, "max_new_tokens": 3},
@@ -59,7 +60,7 @@ def test_config_defaults_and_plan(tmp_path):
     cfg = load_config(micro(tmp_path))
     assert cfg.seeds == [0, 1] and cfg.arms == ["baseline", "cat", "placebo"]
     assert cfg.train["learning_rate"] == 3e-3  # "3e-3" from YAML
-    assert cfg.train["cat_alpha"] == 2000.0 and cfg.train["cat_layers"] == [-1]  # the demo's defaults
+    assert cfg.train["cat_alpha"] == 2000.0 and cfg.train["cat_layers"] == [-1]  # train_from: builtin:demo
     assert [t.label for t in cfg.tasks] == ["E", "SVAMP"] and cfg.tasks[0].tests == {"iid_test": "iid_test",
                                                                                       "ood_test": "ood_test"}
     assert cfg.tasks[1].task.checker == "numeric" and cfg.tasks[1].tests == {"test": "test"}
@@ -399,11 +400,13 @@ def test_only_some_seeds_arms_and_tasks(tmp_path, capsys):
 def test_settings_hash_of_shipped_configs_is_stable():
     """Finished runs in results.jsonl are matched by this hash: it changes with the
     settings and with nothing else (values recorded when lr 3e-4 became the demo's)."""
-    assert experiment.DEFAULT_TRAIN == {
+    demo_train = {
         "num_train_epochs": 30, "learning_rate": 3e-4, "per_device_train_batch_size": 16, "warmup_steps": 0.1,
         "lr_scheduler_type": "cosine", "cat_alpha": 2000.0, "cat_gamma": 1.0, "cat_gamma_decay": 0.0,
         "cat_layers": [-1], "cat_span_columns": "last_word", "logging_steps": 50}
+    assert load_config("builtin:demo").train == demo_train
     cfg = load_config("builtin:stg")
+    assert cfg.train == {**demo_train, "use_cpu": True}  # train_from: builtin:demo
     hashes = {(t.label, arm): experiment.settings_hash(cfg, t, cfg.models[0], arm)
               for t in cfg.tasks for arm in cfg.arms}
     assert hashes[("STG_E_M", "baseline")] == "be9cd4a8a126" and hashes[("STG_E_M", "cat")] == "dcf9811a5ac6"
@@ -412,6 +415,30 @@ def test_settings_hash_of_shipped_configs_is_stable():
     assert experiment.train_args_for(cfg, cfg.tasks[5], "cat")["learning_rate"] == 1e-3
     e_m = load_config(Path(__file__).resolve().parents[1] / "experiments" / "stg_e_m.yaml")
     assert experiment.settings_hash(e_m, e_m.tasks[0], e_m.models[0], "cat") == "2ad59c764e19"
+
+
+def test_train_from_starts_the_train_block_from_another_config(tmp_path, capsys):
+    # Without train_from nothing but the config's own block: CATConfig's defaults for the rest.
+    assert load_config(micro(tmp_path, train_from=None)).train == {
+        "max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1, "learning_rate": 3e-3, "use_cpu": True}
+    # A file, relative to the config, which itself starts from a shipped recipe; own keys win.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("train_from: builtin:demo\ntrain: {cat_alpha: 50}\ntasks: [STG_E]\n")
+    cfg = load_config(micro(tmp_path / "sub", train_from="../base.yaml", train={"learning_rate": 0.01}))
+    assert cfg.train["cat_alpha"] == 50.0 and cfg.train["cat_layers"] == [-1]
+    assert cfg.train["learning_rate"] == 0.01 and cfg.train["num_train_epochs"] == 30
+    # --dry-run shows what each run will train with
+    assert cli.main(["experiment", str(tmp_path / "sub" / "micro.yaml"), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "E / baseline: cat_alpha=50, cat_gamma=0.0," in err and "learning_rate=0.01, " in err
+    assert "SVAMP / cat: cat_alpha=50, cat_gamma=1.0, cat_gamma_decay=0.0, cat_layers=[-1]" in err
+    for spec, msg in (("builtin:nope", "no shipped experiment named 'nope'"), ("missing.yaml", "no such experiment config"),
+                      (3, "train_from must be builtin:NAME")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(micro(tmp_path, train_from=spec))
+    (tmp_path / "loop.yaml").write_text("train_from: micro.yaml\ntasks: [STG_E]\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(micro(tmp_path, train_from="loop.yaml"))
 
 
 def test_save_models_can_keep_only_some_seeds(tmp_path, capfd):

@@ -8,7 +8,7 @@ the summary. The command is ``cattune experiment`` (``cattune.commands.experimen
 
 from .arms import ARMS, placebo_annotation, placebo_records
 from .config import (
-    DEFAULT_EVAL, DEFAULT_TRAIN, RESERVED_TRAIN, ConfigError, ExperimentConfig, ModelEntry, RunSpec, TaskEntry, load_config,
+    DEFAULT_EVAL, RESERVED_TRAIN, ConfigError, ExperimentConfig, ModelEntry, RunSpec, TaskEntry, load_config,
     parse_config, plan, resolve_config_path, select, settings_hash, train_args_for,
 )
 from .report import (
@@ -19,7 +19,7 @@ from .runner import RESULTS, ExperimentReport, TaskData, append_result, load_tas
 
 __all__ = [
     "ARMS", "placebo_annotation", "placebo_records",
-    "DEFAULT_EVAL", "DEFAULT_TRAIN", "RESERVED_TRAIN", "ConfigError", "ExperimentConfig", "ModelEntry", "RunSpec",
+    "DEFAULT_EVAL", "RESERVED_TRAIN", "ConfigError", "ExperimentConfig", "ModelEntry", "RunSpec",
     "TaskEntry", "load_config", "parse_config", "plan", "resolve_config_path", "select", "settings_hash",
     "train_args_for",
     "CSV_COLUMNS", "paired_interval", "summarize", "summary_csv", "summary_markdown", "summary_plots",

@@ -298,6 +298,12 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
     log(f"experiment {config.name}: {len(runs)} runs, {len(report.skipped)} already finished, {len(todo)} to run "
         f"-> {out}")
     if dry_run:
+        log("training settings (the config's train: block, its train_from, task train_args and arm_args; "
+            "CATConfig's defaults for the rest):")
+        for entry in config.tasks:
+            for arm in config.arms:
+                args = train_args_for(config, entry, arm)
+                log(f"  {entry.label} / {arm}: " + ", ".join(f"{k}={args[k]}" for k in sorted(args)))
         for spec in runs:
             log(f"  {'done' if spec.key in finished else 'todo'}  {spec.run_id}")
         return report
