@@ -300,6 +300,23 @@ def test_micro_experiment_is_resumable(tmp_path, capsys):
     os.utime(curve, (0, 0))  # older than its logs: drawn again
     assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--summary-only"]) == 0
     assert curve.stat().st_mtime > 0 and (out / "summary.md").read_text() == md
+    # --compare puts each run beside the same run of another output directory
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    runs = lines(out / "results.jsonl")
+    runs[0]["tests"]["iid_test"]["accuracy"] += 0.05
+    runs[1]["settings"] = "0123456789ab"
+    (ref / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--summary-only", "--compare", str(ref)]) == 1
+    cmp_md = (out / "comparison.md").read_text()
+    assert "| E | tiny | 0 | baseline | iid_test |" in cmp_md and "| -5.0 |" in cmp_md
+    assert "1 differ by more than 3 points: E tiny seed 0 baseline iid_test (-5.0)." in cmp_md
+    assert f"Not compared, trained with other settings than the reference's: {runs[1]['task']}__tiny__" in cmp_md
+    assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--summary-only", "--compare", str(ref),
+                     "--tolerance", "6"]) == 0
+    assert "All within 6 points." in (out / "comparison.md").read_text()
+    assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--compare", str(tmp_path / "nope")]) == 1
+    assert "--compare: no results.jsonl in" in capsys.readouterr().err
     # a changed setting is reported, the finished runs are kept
     changed = micro(tmp_path, train={"max_steps": 3, "per_device_train_batch_size": 8, "use_cpu": True})
     report = run_experiment(load_config(changed), out=out, dry_run=True, log=lambda m: None)

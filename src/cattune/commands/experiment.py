@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..experiment import ARMS, RESULTS, load_config, read_results, run_experiment, select, summary_markdown, write_summary
+from ..experiment import (
+    ARMS, RESULTS, compare_results, load_config, read_results, run_experiment, select, summary_markdown, write_summary,
+)
 from ..experiment.config import parse_seeds
 from ..files import check_writable_dir
 
@@ -35,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; train nothing")
     p.add_argument("--summary-only", action="store_true", help="rewrite summary.md, summary.csv and runs.csv from results.jsonl")
     p.add_argument("--progress", action="store_true", help="show training and evaluation progress bars")
+    p.add_argument("--compare", metavar="DIR", help="after running (or with --summary-only), put each finished run "
+                   "beside the same run in DIR (another output directory, e.g. the committed "
+                   "docs/results/smollm2_stg) and write OUT/comparison.md; exit status 1 if a result differs "
+                   "by more than --tolerance")
+    p.add_argument("--tolerance", type=float, default=3.0, metavar="POINTS",
+                   help="accuracy difference, in points, that --compare accepts (default: 3)")
     return p
 
 
@@ -58,6 +66,14 @@ def run(args) -> int:
     if args.threads:
         config.threads = args.threads
     out = Path(args.out) if args.out else config.output
+    reference = None
+    if args.compare:  # read first: a wrong path should not wait for hours of training
+        ref_path = Path(args.compare)
+        ref_path = ref_path / RESULTS if ref_path.is_dir() else ref_path
+        if not ref_path.is_file():
+            print(f"--compare: no {RESULTS} in {args.compare}", file=sys.stderr)
+            return 1
+        reference, _ = read_results(ref_path)
     if args.summary_only:
         results, bad = read_results(out / RESULTS)
         if not results:
@@ -65,7 +81,7 @@ def run(args) -> int:
             return 1
         rows = write_summary(out, results, config)
         print(summary_markdown(rows, f"Experiment {config.name}", config.arms))
-        return 0
+        return _compare(out, results, reference, args) if reference is not None else 0
     if not args.dry_run:
         check_writable_dir(out, "--out" if args.out else "output")
     report = run_experiment(config, out=out, max_runs=args.max_runs, dry_run=args.dry_run, progress=args.progress,
@@ -79,4 +95,16 @@ def run(args) -> int:
              if report.rows else "; no finished run yet, so no table")
     print(f"{len(report.ran)} run(s) done now, {len(report.skipped)} earlier, {remaining} left{where}",
           file=sys.stderr)
+    if reference is not None:
+        return _compare(out, read_results(out / RESULTS)[0], reference, args)
     return 0
+
+
+def _compare(out: Path, results: list[dict], reference: list[dict], args) -> int:
+    from ..records import atomic_write_text
+
+    text, over = compare_results(results, reference, args.tolerance,
+                                 f"{out} against {args.compare}")
+    atomic_write_text(out / "comparison.md", text)
+    print(text)
+    return 1 if over else 0

@@ -12,7 +12,7 @@ from .config import (
     parse_config, plan, resolve_config_path, select, settings_hash, train_args_for,
 )
 from .report import (
-    CSV_COLUMNS, paired_interval, summarize, summary_csv, summary_markdown, summary_plots, t_quantile_975,
+    CSV_COLUMNS, compare_results, paired_interval, summarize, summary_csv, summary_markdown, summary_plots, t_quantile_975,
     write_summary,
 )
 from .runner import RESULTS, ExperimentReport, TaskData, append_result, load_task_data, read_results, run_experiment, run_one
@@ -22,7 +22,7 @@ __all__ = [
     "DEFAULT_EVAL", "RESERVED_TRAIN", "ConfigError", "ExperimentConfig", "ModelEntry", "RunSpec",
     "TaskEntry", "load_config", "parse_config", "plan", "resolve_config_path", "select", "settings_hash",
     "train_args_for",
-    "CSV_COLUMNS", "paired_interval", "summarize", "summary_csv", "summary_markdown", "summary_plots",
+    "CSV_COLUMNS", "compare_results", "paired_interval", "summarize", "summary_csv", "summary_markdown", "summary_plots",
     "t_quantile_975", "write_summary",
     "RESULTS", "ExperimentReport", "TaskData", "append_result", "load_task_data", "read_results", "run_experiment",
     "run_one",

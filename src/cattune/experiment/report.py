@@ -232,6 +232,49 @@ def summary_plots(out: Path, results: list[dict], config: ExperimentConfig | Non
             "record of the last test set (causal spans in red).\n\n" + "\n\n".join(parts) + "\n")
 
 
+def compare_results(results: list[dict], reference: list[dict], tolerance: float = 3.0,
+                    title: str = "Comparison") -> tuple[str, int]:
+    """Each run and test set found in both, side by side: accuracy here, in the reference
+    (a committed grid) and the difference in points. Returns the Markdown and how many
+    differ by more than ``tolerance`` points. Runs whose settings hashes differ trained
+    something else: they are listed, not compared."""
+    ref = {(r["task"], r["model"], r["arm"], int(r["seed"])): r for r in reference}
+    head = ["task", "model", "seed", "arm", "test", "here", "reference", "difference", "CPU kernels (here / reference)"]
+    rows, other_settings, over, diffs = [], [], [], []
+    for r in _run_order(results, None):
+        key = (r["task"], r["model"], r["arm"], int(r["seed"]))
+        if key not in ref:
+            continue
+        theirs = ref[key]
+        if None not in (r.get("settings"), theirs.get("settings")) and r["settings"] != theirs["settings"]:
+            other_settings.append("__".join(map(str, key)))
+            continue
+        kernels = " / ".join((x.get("execution") or {}).get("cpu_capability", "?") for x in (r, theirs))
+        for test, res in r["tests"].items():
+            if test not in theirs["tests"]:
+                continue
+            d = 100 * (res["accuracy"] - theirs["tests"][test]["accuracy"])
+            diffs.append(abs(d))
+            if abs(d) > tolerance + 1e-9:
+                over.append(f"{key[0]} {key[1]} seed {key[3]} {key[2]} {test} ({d:+.1f})")
+            rows.append([key[0], key[1], str(key[3]), key[2], test, _pct(res["accuracy"]),
+                         _pct(theirs["tests"][test]["accuracy"]), f"{d:+.1f}", kernels])
+    lines = [f"# {title}", ""]
+    if rows:
+        lines += ["Accuracy in %; the difference is here minus the reference, in points.", "",
+                  "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(c) + " |" for c in rows]
+        lines += ["", f"{len(rows)} result(s) in both; the largest difference is {max(diffs):.1f} points, "
+                      f"the mean absolute one {statistics.mean(diffs):.1f}. "
+                  + (f"{len(over)} differ by more than {tolerance:g} points: {'; '.join(over)}." if over
+                     else f"All within {tolerance:g} points.")]
+    else:
+        lines.append("No run of this experiment is in the reference with the same settings.")
+    if other_settings:
+        lines += ["", f"Not compared, trained with other settings than the reference's: {', '.join(other_settings)}."]
+    return "\n".join(lines) + "\n", len(over)
+
+
 def write_summary(out: Path, results: list[dict], config: ExperimentConfig | None = None) -> list[dict]:
     rows = summarize(results, config)
     title = f"Experiment {config.name}" if config else "Experiment"
