@@ -310,7 +310,7 @@ def test_micro_experiment_is_resumable(tmp_path, capsys):
     assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--summary-only", "--compare", str(ref)]) == 1
     cmp_md = (out / "comparison.md").read_text()
     assert "| E | tiny | 0 | baseline | iid_test |" in cmp_md and "| -5.0 |" in cmp_md
-    assert "1 differ by more than 3 points: E tiny seed 0 baseline iid_test (-5.0)." in cmp_md
+    assert "1 differs by more than 3 points: E tiny seed 0 baseline iid_test (-5.0)." in cmp_md
     assert f"Not compared, trained with other settings than the reference's: {runs[1]['task']}__tiny__" in cmp_md
     assert cli.main(["experiment", str(cfg_path), "--out", str(out), "--summary-only", "--compare", str(ref),
                      "--tolerance", "6"]) == 0

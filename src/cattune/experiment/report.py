@@ -266,7 +266,8 @@ def compare_results(results: list[dict], reference: list[dict], tolerance: float
         lines += ["| " + " | ".join(c) + " |" for c in rows]
         lines += ["", f"{len(rows)} result(s) in both; the largest difference is {max(diffs):.1f} points, "
                       f"the mean absolute one {statistics.mean(diffs):.1f}. "
-                  + (f"{len(over)} differ by more than {tolerance:g} points: {'; '.join(over)}." if over
+                  + (f"{len(over)} differ{'s' if len(over) == 1 else ''} by more than {tolerance:g} points: "
+                     f"{'; '.join(over)}." if over
                      else f"All within {tolerance:g} points.")]
     else:
         lines.append("No run of this experiment is in the reference with the same settings.")
