@@ -104,6 +104,12 @@ def _signed(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:+.1f}"
 
 
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
 def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str] | None = None) -> str:
     arms = arms or list(ARMS)
     head = ["task", "model", "test", "seeds"] + [a for a in arms]
@@ -111,8 +117,8 @@ def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str
     head += [f"CAT - {o} [95% CI]" for o in diffs]
     lines = [f"# {title}", "",
              "Accuracy in %: mean ± standard deviation over seeds. Differences are paired by seed, "
-             "with a 95% t-interval over the seeds (needs at least 2 pairs).", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+             "with a 95% t-interval over the seeds (needs at least 2 pairs).", ""]
+    table = []
     for r in rows:
         cells = [r["task"], r["model"], r["test"], str(max(r[f"{a}_n"] for a in arms))]
         for a in arms:
@@ -125,16 +131,16 @@ def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str
             m, lo, hi = r[f"cat_minus_{o}"], r[f"cat_minus_{o}_lo"], r[f"cat_minus_{o}_hi"]
             ci = "" if math.isnan(lo) else f" [{_signed(lo)}, {_signed(hi)}]"
             cells.append(f"{_signed(m)}{ci}")
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    lines += _table(head, table)
     ratio_arms = [a for a in arms if any(not math.isnan(r[f"{a}_attn_ratio"]) for r in rows)]
     if ratio_arms:
         lines += ["", "Mean causal/non-causal attention ratio on each test set's annotation (docs/method.md "
-                  "section 3: a1/a0 over the rows that produce annotated keys):", "",
-                  "| task | model | test | " + " | ".join(ratio_arms) + " |",
-                  "|---|---|---|" + "|".join("---" for _ in ratio_arms) + "|"]
-        for r in rows:
-            vals = ["-" if math.isnan(r[f"{a}_attn_ratio"]) else format_ratio(r[f"{a}_attn_ratio"]) for a in ratio_arms]
-            lines.append(f"| {r['task']} | {r['model']} | {r['test']} | " + " | ".join(vals) + " |")
+                  "section 3: a1/a0 over the rows that produce annotated keys):", ""]
+        lines += _table(["task", "model", "test", *ratio_arms],
+                        [[r["task"], r["model"], r["test"],
+                          *("-" if math.isnan(r[f"{a}_attn_ratio"]) else format_ratio(r[f"{a}_attn_ratio"])
+                            for a in ratio_arms)] for r in rows])
     return "\n".join(lines) + "\n"
 
 
@@ -181,14 +187,14 @@ def runs_markdown(results: list[dict], config: ExperimentConfig | None = None) -
         return ""
     tests = list(dict.fromkeys(t for r in results for t in r["tests"]))
     head = ["task", "model", "seed", "arm", *tests, "train s", "total s", "CPU kernels"]
-    lines = ["", "## Every run", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    table = []
     for r in _run_order(results, config):
         accs = [_pct(r["tests"][t]["accuracy"]) if t in r["tests"] else "-" for t in tests]
         secs = [f"{r[k]:.0f}" if isinstance(r.get(k), (int, float)) else "-" for k in ("train_seconds", "seconds")]
         cells = [r["task"], r["model"], str(r["seed"]), r["arm"], *accs, *secs,
                  (r.get("execution") or {}).get("cpu_capability", "-")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        table.append(cells)
+    return "\n".join(["", "## Every run", "", *_table(head, table)]) + "\n"
 
 
 def summary_plots(out: Path, results: list[dict], config: ExperimentConfig | None = None) -> str:
@@ -261,9 +267,7 @@ def compare_results(results: list[dict], reference: list[dict], tolerance: float
                          _pct(theirs["tests"][test]["accuracy"]), f"{d:+.1f}", kernels])
     lines = [f"# {title}", ""]
     if rows:
-        lines += ["Accuracy in %; the difference is here minus the reference, in points.", "",
-                  "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(c) + " |" for c in rows]
+        lines += ["Accuracy in %; the difference is here minus the reference, in points.", "", *_table(head, rows)]
         lines += ["", f"{len(rows)} result(s) in both; the largest difference is {max(diffs):.1f} points, "
                       f"the mean absolute one {statistics.mean(diffs):.1f}. "
                   + (f"{len(over)} differ{'s' if len(over) == 1 else ''} by more than {tolerance:g} points: "
