@@ -3,7 +3,7 @@
 import torch
 
 from cattune import stg
-from cattune.evaluate import check_exact, check_gsm8k, check_mc, check_numeric, evaluate
+from cattune.evaluate import check_exact, check_gsm8k, check_mc, check_numeric, evaluate, numeric_error
 from cattune.tiny import build
 from cattune.trainer import CATConfig, CATTrainer
 
@@ -25,6 +25,16 @@ def test_checkers_on_real_formats():
     assert not check_mc("2", "3") and not check_mc("12 apples", "1")
 
 
+def test_numeric_error_says_how_far_off_numeric_answers_are():
+    # STG_H's exact index: 56 answered 54, 39 answered 39.0, 70 answered with no number
+    assert numeric_error(["56", "39", "70"], ["54", "39.0", "no idea"]) == (1.0, 1)
+    assert numeric_error(["-2.5", "1,000"], ["-3", "998"]) == (1.25, 0)
+    assert numeric_error(["7"], ["?"]) == (None, 1)
+    # not a numeric task: a label, or a target that only contains a number
+    assert numeric_error(["High Risk", "56"], ["High Risk", "56"]) == (None, 0)
+    assert numeric_error(["3 apples"], ["3"]) == (None, 0) and numeric_error([], []) == (None, 0)
+
+
 def test_evaluate_a_handful_of_records(tmp_path):
     data = stg.generate("E")
     records = data["train_S"][:48]
@@ -40,6 +50,7 @@ def test_evaluate_a_handful_of_records(tmp_path):
     assert {p["prediction"] for p in res.predictions} <= {"High Risk", "Low Risk", "Middle Risk"}
     assert res.accuracy >= 0.5
     assert res.attention_ratio is not None and res.attention_ratio > 1.0
+    assert res.abs_error is None and res.unparsed == 0  # labels, not numbers
     # left-padded batching gives the same answers as one record at a time
     one = evaluate(model, tok, records[:4], batch_size=1, progress=False)
     assert [p["prediction"] for p in one.predictions] == [p["prediction"] for p in res.predictions[:4]]

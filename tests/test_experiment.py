@@ -181,6 +181,26 @@ def test_summary_tables():
     parsed = list(csv.DictReader(io.StringIO(experiment.summary_csv([row]))))
     assert parsed[0]["cat_mean"] == str(row["cat_mean"]) and parsed[0]["cat_minus_placebo_pairs"] == "2"
     assert list(parsed[0]) == experiment.CSV_COLUMNS
+    assert parsed[0]["cat_abs_error"] == "" and "absolute error" not in md  # labels: no error table
+
+
+def test_summary_of_numeric_answers_gives_their_error():
+    def res(arm, seed, acc, err):
+        return {"task": "H", "model": "m", "arm": arm, "seed": seed,
+                "tests": {"ood": {"accuracy": acc, "n": 100, "correct": int(acc * 100), "attention_ratio": 1.0,
+                                  "abs_error": err, "unparsed": 2}}}
+
+    results = [res("baseline", s, 0.05, e) for s, e in enumerate([6.0, 7.0, 8.0])]
+    results += [res("cat", s, 0.06, e) for s, e in enumerate([4.0, 4.5, 5.0])]
+    (row,) = experiment.summarize(results)
+    assert row["baseline_abs_error"] == pytest.approx(7.0) and row["cat_abs_error_std"] == pytest.approx(0.5)
+    assert row["cat_minus_baseline_abs_error"] == pytest.approx(-2.5)
+    assert row["cat_minus_baseline_abs_error_lo"] < -2.5 < row["cat_minus_baseline_abs_error_hi"] < 0
+    assert math.isnan(row["placebo_abs_error"]) and math.isnan(row["cat_minus_placebo_abs_error"])
+    md = experiment.summary_markdown([row], "t")
+    assert "mean absolute error" in md and "| H | m | ood | 7.00 ± 1.00 | 4.50 ± 0.50 | - | -2.50 [" in md
+    runs = list(csv.DictReader(io.StringIO(experiment.report.runs_csv(results))))
+    assert runs[0]["abs_error"] == "6.0" and runs[0]["unparsed"] == "2"
 
 
 def test_summary_plots_follow_the_configs_first_seed(tmp_path):

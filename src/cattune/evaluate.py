@@ -41,6 +41,17 @@ def final_answer(text: str) -> str:
     return numbers[-1] if numbers else text.strip()
 
 
+def numeric_error(targets: list[str], predictions: list[str]) -> tuple[float | None, int]:
+    """Mean |prediction - target| over the predictions holding a number, and the count of
+    those that hold none; (None, 0) unless every target is a number ("42", "-3.5")."""
+    truth = [parse_number(t) if _NUMBER.fullmatch(t.strip()) else None for t in targets]
+    if not truth or any(t is None for t in truth):
+        return None, 0
+    errors = [abs(p - t) for t, p in zip(truth, map(parse_number, predictions)) if p is not None]
+    unparsed = len(truth) - len(errors)
+    return (sum(errors) / len(errors) if errors else None), unparsed
+
+
 def check_exact(prediction: str, target: str) -> bool:
     return prediction.strip() == target.strip()
 
@@ -108,6 +119,11 @@ class EvalResult:
     predictions: list[dict] = field(default_factory=list)
     attention_ratio: float | None = None  # mean causal / non-causal attention, annotated records
     truncated: int = 0  # prompts longer than max_length, cut from the left as in training
+    # Numeric tasks (every target a number): how far the answers are, which exact match
+    # does not show: mean |prediction - target| over the answers that hold a number, and
+    # how many do not. None / 0 when a target is not a number.
+    abs_error: float | None = None
+    unparsed: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -231,5 +247,7 @@ def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = 
         ok = bool(check(a, r.target))
         correct += ok
         predictions.append({"prompt": r.prompt, "target": r.target, "prediction": a, "correct": ok})
+    abs_error, unparsed = numeric_error([r.target for r in records], answers)
     return EvalResult(accuracy=correct / len(records), n=len(records), correct=correct,
-                      predictions=predictions, attention_ratio=ratio, truncated=stats["truncated"])
+                      predictions=predictions, attention_ratio=ratio, truncated=stats["truncated"],
+                      abs_error=abs_error, unparsed=unparsed)

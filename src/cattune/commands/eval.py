@@ -69,8 +69,11 @@ def run(args) -> int:
                   file=sys.stderr)
         results[path] = {**res.to_json(), "checker": args.checker, "settings": settings}
         ratio = "-" if res.attention_ratio is None else format_ratio(res.attention_ratio)
-        rows.append([path, res.n, res.accuracy, ratio])
-    print(format_table(["data", "n", "accuracy", "attn ratio"], rows))
+        rows.append([path, res.n, res.accuracy, ratio, "-" if res.abs_error is None else f"{res.abs_error:.2f}"])
+    head = ["data", "n", "accuracy", "attn ratio", "mean abs error"]
+    if all(r[-1] == "-" for r in rows):  # no numeric task: no error column
+        head, rows = head[:-1], [r[:-1] for r in rows]
+    print(format_table(head, rows))
     kept, weights = [], _weights_fingerprint(args.model)
     if in_model_dir:  # one file per model, one entry per data file: another evaluation adds, never erases
         earlier = _read_results(out, weights)

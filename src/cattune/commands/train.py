@@ -237,8 +237,10 @@ def _train(targs, config) -> int:
         res = evaluate(trainer.model, tokenizer, eval_records, checker=config.eval_checker,
                        span_columns=config.cat_span_columns, layers=config.cat_layers,
                        chat_template=config.chat_template, max_length=config.max_length)
-        report["eval"] = {"accuracy": res.accuracy, "n": res.n, "attention_ratio": res.attention_ratio}
-        print(f"eval accuracy on {targs.eval}: {res.accuracy:.3f} ({res.correct}/{res.n})")
+        report["eval"] = {"accuracy": res.accuracy, "n": res.n, "attention_ratio": res.attention_ratio,
+                          "abs_error": res.abs_error, "unparsed": res.unparsed}
+        error = "" if res.abs_error is None else f", mean abs error {res.abs_error:.2f}"
+        print(f"eval accuracy on {targs.eval}: {res.accuracy:.3f} ({res.correct}/{res.n}){error}")
     if trainer.is_world_process_zero():
         write_json(Path(config.output_dir) / "train_report.json", report)
         print(f"model saved to {config.output_dir}")

@@ -2,7 +2,8 @@
 
 Per task, model and test set: each arm's mean and standard deviation over seeds, and
 the paired differences CAT - baseline and CAT - placebo with a 95% t-interval over
-seeds; as Markdown (with every run's figures and the plots) and CSV (``summary.csv``;
+seeds (and, where every answer is a number, the mean absolute error of the answers); as
+Markdown (with every run's figures and the plots) and CSV (``summary.csv``;
 ``runs.csv`` has one line per run and test set, to check a re-run against).
 """
 
@@ -79,6 +80,9 @@ def summarize(results: list[dict], config: ExperimentConfig | None = None) -> li
             row[f"{arm}_mean"] = statistics.fmean(accs) if accs else math.nan
             row[f"{arm}_std"] = statistics.stdev(accs) if len(accs) > 1 else math.nan
             row[f"{arm}_attn_ratio"] = statistics.fmean(ratios) if ratios else math.nan
+            errors = [v["abs_error"] for v in by_seed.values() if v.get("abs_error") is not None]
+            row[f"{arm}_abs_error"] = statistics.fmean(errors) if errors else math.nan
+            row[f"{arm}_abs_error_std"] = statistics.stdev(errors) if len(errors) > 1 else math.nan
         for other in ("baseline", "placebo"):
             a, b = arms.get("cat", {}), arms.get(other, {})
             seeds = sorted(set(a) & set(b))
@@ -87,13 +91,21 @@ def summarize(results: list[dict], config: ExperimentConfig | None = None) -> li
             row[f"cat_minus_{other}_lo"] = lo
             row[f"cat_minus_{other}_hi"] = hi
             row[f"cat_minus_{other}_pairs"] = len(seeds)
+            seeds = [s for s in seeds if a[s].get("abs_error") is not None and b[s].get("abs_error") is not None]
+            mean, lo, hi = paired_interval([a[s]["abs_error"] - b[s]["abs_error"] for s in seeds])
+            row[f"cat_minus_{other}_abs_error"] = mean
+            row[f"cat_minus_{other}_abs_error_lo"] = lo
+            row[f"cat_minus_{other}_abs_error_hi"] = hi
         rows.append(row)
     return rows
 
 
 CSV_COLUMNS = (["task", "model", "test"]
                + [f"{a}_{s}" for a in ARMS for s in ("n", "mean", "std", "attn_ratio")]
-               + [f"cat_minus_{o}{s}" for o in ("baseline", "placebo") for s in ("", "_lo", "_hi", "_pairs")])
+               + [f"cat_minus_{o}{s}" for o in ("baseline", "placebo") for s in ("", "_lo", "_hi", "_pairs")]
+               # numeric tasks only (empty otherwise): mean absolute error of the answers
+               + [f"{a}_abs_error{s}" for a in ARMS for s in ("", "_std")]
+               + [f"cat_minus_{o}_abs_error{s}" for o in ("baseline", "placebo") for s in ("", "_lo", "_hi")])
 
 
 def _pct(x: float) -> str:
@@ -141,6 +153,22 @@ def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str
                         [[r["task"], r["model"], r["test"],
                           *("-" if math.isnan(r[f"{a}_attn_ratio"]) else format_ratio(r[f"{a}_attn_ratio"])
                             for a in ratio_arms)] for r in rows])
+    error_rows = [r for r in rows if any(not math.isnan(r[f"{a}_abs_error"]) for a in arms)]
+    if error_rows:
+        lines += ["", "Numeric answers: mean absolute error |answer - target| (lower is better), over the "
+                  "answers that hold a number (runs.csv counts those that do not), mean ± standard deviation "
+                  "over seeds; differences paired by seed with a 95% t-interval:", ""]
+        table = []
+        for r in error_rows:
+            cells = [r["task"], r["model"], r["test"]]
+            for a in arms:
+                m, sd = r[f"{a}_abs_error"], r[f"{a}_abs_error_std"]
+                cells.append("-" if math.isnan(m) else f"{m:.2f}" + ("" if math.isnan(sd) else f" ± {sd:.2f}"))
+            for o in diffs:
+                m, lo, hi = (r[f"cat_minus_{o}_abs_error{s}"] for s in ("", "_lo", "_hi"))
+                cells.append("-" if math.isnan(m) else f"{m:+.2f}" + ("" if math.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]"))
+            table.append(cells)
+        lines += _table(["task", "model", "test", *arms, *(f"CAT - {o} [95% CI]" for o in diffs)], table)
     return "\n".join(lines) + "\n"
 
 
@@ -154,7 +182,7 @@ def summary_csv(rows: list[dict]) -> str:
 
 
 RUN_COLUMNS = ["task", "model", "arm", "seed", "test", "accuracy", "correct", "n", "attention_ratio",
-               "train_seconds", "seconds", "cpu_capability", "threads", "torch"]
+               "train_seconds", "seconds", "cpu_capability", "threads", "torch", "abs_error", "unparsed"]
 
 
 def _run_order(results: list[dict], config: ExperimentConfig | None) -> list[dict]:
@@ -177,7 +205,8 @@ def runs_csv(results: list[dict], config: ExperimentConfig | None = None) -> str
                         "attention_ratio": "" if ratio is None else ratio,
                         "train_seconds": r.get("train_seconds", ""), "seconds": r.get("seconds", ""),
                         "cpu_capability": ran.get("cpu_capability", ""), "threads": ran.get("threads", ""),
-                        "torch": ran.get("torch", "")})
+                        "torch": ran.get("torch", ""), "abs_error": res.get("abs_error", ""),
+                        "unparsed": res.get("unparsed", "")})
     return buf.getvalue()
 
 

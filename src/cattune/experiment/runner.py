@@ -166,6 +166,8 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
                        max_length=trainer.args.max_length)  # prompts cut as in training
         tests[name] = {"accuracy": res.accuracy, "n": res.n, "correct": res.correct,
                        "attention_ratio": res.attention_ratio}
+        if res.abs_error is not None:  # numeric answers: how far off, beyond exact match
+            tests[name].update(abs_error=res.abs_error, unparsed=res.unparsed)
         predictions[name] = res.predictions
     attention_plot = None
     if spec.seed == config.seeds_of(spec.task)[0]:  # one heatmap per task, model and arm
