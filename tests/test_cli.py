@@ -56,6 +56,14 @@ def test_stg_train_eval(tmp_path):
     assert r.returncode == 0, r.stderr
     every = json.loads((tmp_path / "all.json").read_text())["results"][str(small)]["attention_ratio"]
     assert every != pytest.approx(report["eval"]["attention_ratio"], rel=1e-5)
+    # numeric targets: the mean absolute error of the answers that hold a number
+    numeric = tmp_path / "numeric.jsonl"
+    numeric.write_text("".join(json.dumps({"input": json.loads(x)["input"], "target": 7}) + "\n" for x in lines[:32]))
+    r = cli("eval", "--model", str(out), "--data", str(numeric), "--checker", "numeric", "--out", str(tmp_path / "n.json"))
+    assert r.returncode == 0, r.stderr
+    num = json.loads((tmp_path / "n.json").read_text())["results"][str(numeric)]
+    assert 0 <= num["unparsed"] <= 32 and (num["abs_error"] is None) == (num["unparsed"] == 32)
+    assert ("mean abs error" in r.stdout) == (num["abs_error"] is not None)
 
 
 def test_demo_tiny(tmp_path):
