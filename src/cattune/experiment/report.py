@@ -73,32 +73,32 @@ def summarize(results: list[dict], config: ExperimentConfig | None = None) -> li
         arms = groups[key]
         row: dict[str, Any] = {"task": key[0], "model": key[1], "test": key[2]}
         for arm in ARMS:
-            by_seed = arms.get(arm, {})
-            accs = [v["accuracy"] for v in by_seed.values()]
-            ratios = [v["attention_ratio"] for v in by_seed.values() if v.get("attention_ratio") is not None]
-            row[f"{arm}_n"] = len(accs)
-            row[f"{arm}_mean"] = statistics.fmean(accs) if accs else math.nan
-            row[f"{arm}_std"] = statistics.stdev(accs) if len(accs) > 1 else math.nan
-            row[f"{arm}_attn_ratio"] = statistics.fmean(ratios) if ratios else math.nan
-            errors = [v["abs_error"] for v in by_seed.values() if v.get("abs_error") is not None]
-            row[f"{arm}_abs_error"] = statistics.fmean(errors) if errors else math.nan
-            row[f"{arm}_abs_error_std"] = statistics.stdev(errors) if len(errors) > 1 else math.nan
+            by_seed = list(arms.get(arm, {}).values())
+            row[f"{arm}_n"] = len(by_seed)
+            row[f"{arm}_mean"], row[f"{arm}_std"] = _mean_std([v["accuracy"] for v in by_seed])
+            row[f"{arm}_attn_ratio"] = _mean_std([v.get("attention_ratio") for v in by_seed])[0]
+            row[f"{arm}_abs_error"], row[f"{arm}_abs_error_std"] = _mean_std([v.get("abs_error") for v in by_seed])
         for other in ("baseline", "placebo"):
             a, b = arms.get("cat", {}), arms.get(other, {})
-            seeds = sorted(set(a) & set(b))
-            mean, lo, hi = paired_interval([a[s]["accuracy"] - b[s]["accuracy"] for s in seeds])
-            row[f"cat_minus_{other}"] = mean
-            row[f"cat_minus_{other}_lo"] = lo
-            row[f"cat_minus_{other}_hi"] = hi
-            row[f"cat_minus_{other}_pairs"] = len(seeds)
-            seeds = [s for s in seeds if a[s].get("abs_error") is not None and b[s].get("abs_error") is not None]
-            mean, lo, hi = paired_interval([a[s]["abs_error"] - b[s]["abs_error"] for s in seeds])
-            row[f"cat_minus_{other}_abs_error"] = mean
-            row[f"cat_minus_{other}_abs_error_lo"] = lo
-            row[f"cat_minus_{other}_abs_error_hi"] = hi
+            (row[f"cat_minus_{other}"], row[f"cat_minus_{other}_lo"], row[f"cat_minus_{other}_hi"],
+             row[f"cat_minus_{other}_pairs"]) = _paired(a, b, "accuracy")
+            (row[f"cat_minus_{other}_abs_error"], row[f"cat_minus_{other}_abs_error_lo"],
+             row[f"cat_minus_{other}_abs_error_hi"], _) = _paired(a, b, "abs_error")
         rows.append(row)
     return rows
 
+
+def _mean_std(values: list[float | None]) -> tuple[float, float]:
+    """Mean and standard deviation of the values that are set (NaN where too few are)."""
+    values = [v for v in values if v is not None]
+    return (statistics.fmean(values) if values else math.nan,
+            statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def _paired(a: dict[int, dict], b: dict[int, dict], metric: str) -> tuple[float, float, float, int]:
+    """CAT - other on one metric, paired by the seeds both arms have it for: mean, 95% lo, hi, pairs."""
+    seeds = [s for s in sorted(set(a) & set(b)) if a[s].get(metric) is not None and b[s].get(metric) is not None]
+    return (*paired_interval([a[s][metric] - b[s][metric] for s in seeds]), len(seeds))
 
 CSV_COLUMNS = (["task", "model", "test"]
                + [f"{a}_{s}" for a in ARMS for s in ("n", "mean", "std", "attn_ratio")]
@@ -114,6 +114,16 @@ def _pct(x: float) -> str:
 
 def _signed(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:+.1f}"
+
+
+def _spread(mean: float, std: float, fmt) -> str:
+    """A 'mean ± std' cell, '-' without a mean and no '± ...' without a spread."""
+    return "-" if math.isnan(mean) else fmt(mean) + ("" if math.isnan(std) else f" ± {fmt(std)}")
+
+
+def _interval(mean: float, lo: float, hi: float, fmt) -> str:
+    """A 'diff [lo, hi]' cell, '-' without a difference and no interval without one."""
+    return "-" if math.isnan(mean) else fmt(mean) + ("" if math.isnan(lo) else f" [{fmt(lo)}, {fmt(hi)}]")
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -133,16 +143,8 @@ def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str
     table = []
     for r in rows:
         cells = [r["task"], r["model"], r["test"], str(max(r[f"{a}_n"] for a in arms))]
-        for a in arms:
-            if r[f"{a}_n"] == 0:
-                cells.append("-")
-            else:
-                std = "" if math.isnan(r[f"{a}_std"]) else f" ± {_pct(r[f'{a}_std'])}"
-                cells.append(f"{_pct(r[f'{a}_mean'])}{std}")
-        for o in diffs:
-            m, lo, hi = r[f"cat_minus_{o}"], r[f"cat_minus_{o}_lo"], r[f"cat_minus_{o}_hi"]
-            ci = "" if math.isnan(lo) else f" [{_signed(lo)}, {_signed(hi)}]"
-            cells.append(f"{_signed(m)}{ci}")
+        cells += [_spread(r[f"{a}_mean"], r[f"{a}_std"], _pct) for a in arms]
+        cells += [_interval(*(r[f"cat_minus_{o}{s}"] for s in ("", "_lo", "_hi")), _signed) for o in diffs]
         table.append(cells)
     lines += _table(head, table)
     ratio_arms = [a for a in arms if any(not math.isnan(r[f"{a}_attn_ratio"]) for r in rows)]
@@ -160,14 +162,10 @@ def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str
                   "over seeds; differences paired by seed with a 95% t-interval:", ""]
         table = []
         for r in error_rows:
-            cells = [r["task"], r["model"], r["test"]]
-            for a in arms:
-                m, sd = r[f"{a}_abs_error"], r[f"{a}_abs_error_std"]
-                cells.append("-" if math.isnan(m) else f"{m:.2f}" + ("" if math.isnan(sd) else f" ± {sd:.2f}"))
-            for o in diffs:
-                m, lo, hi = (r[f"cat_minus_{o}_abs_error{s}"] for s in ("", "_lo", "_hi"))
-                cells.append("-" if math.isnan(m) else f"{m:+.2f}" + ("" if math.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]"))
-            table.append(cells)
+            table.append([r["task"], r["model"], r["test"],
+                          *(_spread(r[f"{a}_abs_error"], r[f"{a}_abs_error_std"], "{:.2f}".format) for a in arms),
+                          *(_interval(*(r[f"cat_minus_{o}_abs_error{s}"] for s in ("", "_lo", "_hi")),
+                                      "{:+.2f}".format) for o in diffs)])
         lines += _table(["task", "model", "test", *arms, *(f"CAT - {o} [95% CI]" for o in diffs)], table)
     return "\n".join(lines) + "\n"
 
