@@ -90,6 +90,10 @@ def test_shipped_smollm2_config():
     assert cfg.keeps_model(0) and not cfg.keeps_model(1)
     assert cfg.train["learning_rate"] == 5e-5 and cfg.train["chat_template"] and cfg.train["num_train_epochs"] == 2
     assert cfg.models[0].path == "builtin:smollm2-135m-instruct" and cfg.tasks[1].train_limit == 1000
+    # STG_H's budget (chosen on validation): 4 epochs at lr 1e-4, STG_E's CAT setting otherwise
+    h = experiment.train_args_for(cfg, cfg.tasks[1], "cat")
+    assert (h["num_train_epochs"], h["learning_rate"], h["cat_alpha"]) == (4, 1e-4, 50.0)
+    assert experiment.train_args_for(cfg, cfg.tasks[0], "cat")["num_train_epochs"] == 2
     # the committed results (README's headline) are this recipe's: a changed setting must
     # come with a re-run, or a re-run of one seed would not be comparable with them
     committed = Path(__file__).resolve().parents[1] / "docs" / "results" / "smollm2_stg" / "results.jsonl"
