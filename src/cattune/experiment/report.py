@@ -100,6 +100,7 @@ def _paired(a: dict[int, dict], b: dict[int, dict], metric: str) -> tuple[float,
     seeds = [s for s in sorted(set(a) & set(b)) if a[s].get(metric) is not None and b[s].get(metric) is not None]
     return (*paired_interval([a[s][metric] - b[s][metric] for s in seeds]), len(seeds))
 
+
 CSV_COLUMNS = (["task", "model", "test"]
                + [f"{a}_{s}" for a in ARMS for s in ("n", "mean", "std", "attn_ratio")]
                + [f"cat_minus_{o}{s}" for o in ("baseline", "placebo") for s in ("", "_lo", "_hi", "_pairs")]
