@@ -78,9 +78,9 @@ def main() -> None:
         model.eval()
         a = generate_answers(model, tok, as_is, max_new_tokens=6, progress=False, chat_template=chat)
         b = generate_answers(model, tok, rule, max_new_tokens=6, progress=False, chat_template=chat)
-        moves = [abs(x - y) for x, y in zip(map(parse_number, a), map(parse_number, b))
-                 if x is not None and y is not None]
-        changed = sum(x != y for x, y in zip(a, b)) / len(a)
+        pairs = list(zip(map(parse_number, a), map(parse_number, b)))
+        moves = [abs(x - y) for x, y in pairs if x is not None and y is not None]
+        changed = sum(x != y for x, y in pairs) / len(pairs)  # by value: "40" and "40." are the same answer
         mae_a, mae_b = (nan if (e := numeric_error(targets, x)[0]) is None else e for x in (a, b))
         print(f"{ref[-50:]:50s} {mae_a:10.2f} {mae_b:9.2f} "
               f"{100 * changed:17.1f} {statistics.fmean(moves) if moves else nan:14.2f}", flush=True)
