@@ -182,6 +182,16 @@ def test_stg_h_sizes_and_template(ours_h, stg_h_released):
             assert all(re.fullmatch(r"\d+", r.target) and 0 <= int(r.target) <= 100 for r in records)
 
 
+def test_stg_h_irrelevant_value_patterns_find_one_value_each(ours_h, stg_h_released):
+    # The placebo arm prefers these spans; each must find the whole printed value.
+    expected = [r"\d+th", r"\d+\.\dMbps", r"\d+"]
+    for source in (ours_h, stg_h_released):
+        for r in source["ood_test"][:200]:
+            for pattern, whole in zip(stg.H_IRRELEVANT_VALUES, expected):
+                (m,) = re.finditer(pattern, r.prompt)
+                assert re.fullmatch(whole, m.group()) and r.prompt[m.end()] in ";.", (pattern, r.prompt)
+
+
 def test_stg_h_aqi_is_the_formula_of_the_printed_causes(ours_h):
     # Printed values are rounded to 0.1, so the recomputed AQI can be off by one.
     for records in ours_h.values():

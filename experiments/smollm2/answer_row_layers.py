@@ -28,7 +28,7 @@ GROUPS = {
     "H": {
         "causal": tuple(name for name, _ in stg.H_CAUSAL),
         "spurious": tuple(name for name, _ in stg.H_SPURIOUS),
-        "unrelated": ("City Anniversary", "Average Internet Speed", "Number of Libraries"),
+        "unrelated": tuple(name for name, _ in stg.H_IRRELEVANT),
     },
 }
 

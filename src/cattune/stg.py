@@ -40,6 +40,18 @@ H_SPURIOUS = (
     ("Public Transport Subscriptions (k)", "{:.1f}"),
     ("Water Awareness Score", "{:.1f}"),
 )
+# Printed after the spurious items; they carry no information in any split.
+H_IRRELEVANT = (
+    ("City Anniversary", "{:d}th"),
+    ("Average Internet Speed", "{:.1f}Mbps"),
+    ("Number of Libraries", "{:d}"),
+)
+# Their printed values as patterns (the placebo arm's preferred spans): "89th" and
+# "113.0Mbps" glue the number to letters, so only these patterns find them.
+H_IRRELEVANT_VALUES = [
+    rf"(?<={name}: )" + fmt.replace("{:d}", r"\d+").replace("{:.1f}", r"\d+\.\d")
+    for name, fmt in H_IRRELEVANT
+]
 H_SUFFIX = "Given these diverse conditions, what is the projected Air Quality Index (AQI) on a 0-100 scale? Answer: "
 # STG_H: the key "Answer: {AQI}" attends to the six printed causal values.
 H_RULE = {
@@ -99,10 +111,8 @@ def _h_record(rng: np.random.Generator, ood: bool) -> Record:
     aqi = int(round((float(np.clip(raw, -20, 30)) + 20) / 50 * 100))
     causal = "; ".join(f"{name}: {fmt.format(x)}" for (name, fmt), x in zip(H_CAUSAL, f))
     spurious = "; ".join(f"{name}: {fmt.format(x)}" for (name, fmt), x in zip(H_SPURIOUS, se))
-    prompt = (
-        f"{causal}. {spurious}. City Anniversary: {ir1}th; Average Internet Speed: {ir2:.1f}Mbps; "
-        f"Number of Libraries: {ir3}. {H_SUFFIX}"
-    )
+    irrelevant = "; ".join(f"{name}: {fmt.format(x)}" for (name, fmt), x in zip(H_IRRELEVANT, (ir1, ir2, ir3)))
+    prompt = f"{causal}. {spurious}. {irrelevant}. {H_SUFFIX}"
     meta = {"split_kind": "ood" if ood else "iid"}
     # target_json: saved files hold the AQI as a JSON number, as the released ones do
     return Record(prompt=prompt, target=str(aqi), meta=meta, target_json=aqi)

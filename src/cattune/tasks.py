@@ -266,10 +266,8 @@ def _builtin() -> None:
         test_splits=("iid_test", "ood_test"),
         instructions=None,
         rule=stg.H_RULE,
-        # The irrelevant items' values ("89th", "113.0Mbps": a number glued to letters is
-        # only found with them), then random spans of the question text.
-        placebo={"prefer": [r"(?<=City Anniversary: )\d+th", r"(?<=Average Internet Speed: )\d+\.\dMbps",
-                            r"(?<=Number of Libraries: )\d+"],
+        # The irrelevant items' values, then random spans of the question text.
+        placebo={"prefer": stg.H_IRRELEVANT_VALUES,
                  "exclude": [rf"{re.escape(n)}: -?\d+(?:\.\d+)?%?" for n in h_items]},
     ), overwrite=True)
     math_kw = dict(checker="numeric", instructions="builtin:math", demos="builtin:math")
