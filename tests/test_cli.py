@@ -153,6 +153,21 @@ def test_train_config_file_with_command_line_overrides(tmp_path):
         train.parse(train.build_parser(), ["--config", str(bad)])
 
 
+def test_train_no_flags_turn_their_option_off_from_any_default(tmp_path):
+    from cattune.commands import train
+
+    parser = train.build_parser()
+    (no_eval,) = [a for a in parser._actions if "--no_eval_accuracy" in a.option_strings]
+    assert no_eval.help == "Turn --eval_accuracy off."  # not --eval_accuracy's own help
+    base = ["--train", "data.jsonl", "--out", "run/"]
+    assert train.parse(train.build_parser(), base)[1].eval_accuracy is True
+    assert train.parse(train.build_parser(), [*base, "--no_eval_accuracy"])[1].eval_accuracy is False
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train: data.jsonl\nout: run/\neval_accuracy: false\n")
+    assert train.parse(train.build_parser(), ["--config", str(cfg)])[1].eval_accuracy is False
+    assert train.parse(train.build_parser(), ["--config", str(cfg), "--eval_accuracy", "true"])[1].eval_accuracy
+
+
 def test_train_evaluates_during_training_and_keeps_the_best_checkpoint(tmp_path):
     from cattune import stg
     from cattune.records import save_records

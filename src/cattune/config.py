@@ -76,7 +76,7 @@ class CATConfig(TrainingArguments):
     """
 
     output_dir: str | None = field(
-        default=None, metadata={"help": "Where checkpoints and the final model go.", "aliases": ["--out"]}
+        default=None, metadata={"help": "Where checkpoints and the final model go (`cattune train` requires it).", "aliases": ["--out"]}
     )
     cat_alpha: float = field(
         default=2.0, metadata={"help": "Target ratio of causal to other attention.", "aliases": ["--alpha"]}
@@ -130,7 +130,8 @@ class CATConfig(TrainingArguments):
                   "TrainingArguments value ('none', 'tensorboard', 'wandb', ...)."},
     )
     # Trainer defaults that suit this data: our collator needs every field it gets.
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the causal-structure fields."})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Off here: the collator needs the records' causal-structure fields, which no model's forward takes."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
 
     def __post_init__(self):

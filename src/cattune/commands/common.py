@@ -1,5 +1,5 @@
-"""What several commands share: tables and JSON files as they print and write them, and
-the options that say how records are encoded for a model."""
+"""What several commands share: tables and JSON files as they print and write them, the
+options that say how records are encoded for a model, and how --help shows defaults."""
 
 from __future__ import annotations
 
@@ -10,6 +10,17 @@ from pathlib import Path
 from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from ..models import layers_option
 from ..records import atomic_write_text
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where there is a default that the help does not already
+    state: not to required options, nor to ones whose default is None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.required or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def add_training_settings_options(group, measured: str) -> None:

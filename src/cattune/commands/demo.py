@@ -23,7 +23,7 @@ from ..files import check_writable_dir
 from ..masks import SPAN_COLUMNS
 from ..models import parse_layers
 from ..records import load_config_file
-from .common import format_table, write_json
+from .common import HelpFormatter, format_table, write_json
 
 RECIPE = "builtin:demo"
 ARMS = ("baseline", "cat")
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     e_args, h_args = {**train, **e.get("train_args", {})}, {**train, **h.get("train_args", {})}
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " Everything runs on CPU with the embedded model, no download.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", default="demo_out",
                    help="output directory: results.json, demo.png (accuracy), ratio_STG_*.png (attention ratio "

@@ -12,7 +12,7 @@ from ..files import check_distinct_paths, check_writable_file, model_inputs
 from ..models import load_model, training_settings
 from ..records import load_records
 from ..text import format_ratio
-from .common import add_training_settings_options, format_table, write_json
+from .common import HelpFormatter, add_training_settings_options, format_table, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Greedy-decode the answer of every record and check it against the target. "
         "Prints a table (accuracy, causal/non-causal attention ratio and, where every target is a number, the "
         "mean absolute error of the answers) and writes JSON with per-record predictions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True,
                    help="trained model directory, hub id, .gguf file or builtin:NAME (e.g. builtin:smollm2-135m-instruct)")

@@ -32,12 +32,13 @@ def load_data(spec: str) -> list[Record]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Attention reports. With --model/--data: a heatmap PNG of the answer rows' attention over the "
-        "prompt tokens of one record (mean over layers and heads), causal spans marked. With --log: the "
+        "prompt tokens of one record (mean over heads and over the model's cat_layers, or --layers), causal spans marked. With --log: the "
         "causal/non-causal attention ratio over training steps.",
     )
     p.add_argument("--out", required=True, help="PNG file to write")
     heat = p.add_argument_group("heatmap of one record")
-    heat.add_argument("--model", help="model directory (or hub id) with its tokenizer")
+    heat.add_argument("--model", help="a model directory with its tokenizer (as `cattune train` saves it), a .gguf file, "
+                      "builtin:smollm2-135m-instruct, or a hub id")
     heat.add_argument("--data", help="JSONL records (paper format) or TASK:SPLIT (e.g. STG_E:ood_test)")
     heat.add_argument("--record", type=int, default=0, help="0-based index of the record (default: 0)")
     heat.add_argument("--use-prediction", action="store_true",

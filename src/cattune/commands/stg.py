@@ -8,13 +8,14 @@ from pathlib import Path
 from .. import stg
 from ..records import save_records
 from ..files import check_writable_dir
+from .common import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Generate the Spurious Token Game. E (cancer risk): train_L/train_M/train_S/iid_test/ood_test; "
         "H (air quality index): train/iid_test/ood_test. Seed 42 reproduces the paper's released STG_E files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--variant", choices=["E", "H", "e", "h"], default="E", help="easy (labels) or hard (integer AQI)")
     p.add_argument("--seed", type=int, default=42, help="random seed")

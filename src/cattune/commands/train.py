@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import inspect
 import json
 import os
@@ -17,11 +19,12 @@ from ..trainer import CATConfig, CATTrainer, end_distributed, lora_model
 from ..fields import typed_fields
 from ..files import check_distinct_paths, check_writable_dir, model_inputs
 from ..models import load_model
-from .common import write_json
+from .common import HelpFormatter, write_json
 
 CONFIG_HINT = """\
 Options can come from a file: `cattune train --config run.yaml --num_train_epochs 1`, with
-run.yaml holding e.g. {train: data/train_M.jsonl, out: run/, cat_alpha: 2000.0, cat_layers: [-1]}."""
+run.yaml holding e.g. {train: data/train_M.jsonl, out: run/, cat_alpha: 2000.0, cat_layers: [-1],
+cat_gamma_decay: 0}."""
 
 LAUNCH_HINT = """\
 Several GPUs or processes: the same command runs under torchrun or accelerate, e.g.
@@ -63,14 +66,18 @@ class TrainArguments:
 
 
 def build_parser():
-    p = HfArgumentParser((TrainArguments, CATConfig))
+    p = HfArgumentParser((TrainArguments, CATConfig), formatter_class=HelpFormatter)
     p.description = ("Fine-tune a causal LM with Causal Attention Tuning: loss = CE(answer) + gamma(t) * "
                      "Re-Attention loss. --gamma 0 trains the plain fine-tuning baseline. Every "
                      "transformers TrainingArguments field is accepted too (--learning_rate, --num_train_epochs, "
                      "--per_device_train_batch_size, --resume_from_checkpoint, ...).\n\n" + CONFIG_HINT
                      + "\n\n" + LAUNCH_HINT)
     p.add_argument("--config", metavar="FILE.yaml", help="options from a YAML/JSON file (field: value, the "
-                   "names of the options below); options on the command line override it")
+                   "names of the options listed here); options on the command line override it")
+    for action in p._actions:  # HfArgumentParser gives --no_X the help (and a default) of --X
+        if action.const is False and any(o.startswith("--no_") for o in action.option_strings):
+            action.help = f"Turn --{action.dest} off."
+            action.default = argparse.SUPPRESS  # --X's action sets the default
     return p
 
 
