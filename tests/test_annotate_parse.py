@@ -216,3 +216,14 @@ def test_a_named_key_variable_must_be_set(monkeypatch):
     with pytest.raises(ValueError, match="CATTUNE_UNSET_KEY is not set"):
         make_client("http://127.0.0.1:9/v1", "CATTUNE_UNSET_KEY", require_key=True)
     assert make_client("http://127.0.0.1:9/v1", "CATTUNE_UNSET_KEY").max_retries == 0
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:9/v1", "htp://host/v1", "localhost:8000", "http:///v1"])
+def test_a_base_url_without_scheme_or_host_fails_at_once(url):
+    from cattune.annotate.llm import make_client
+
+    with pytest.raises(ValueError, match="must start with http:// or https:// and name a host"):
+        make_client(url)
+    with pytest.raises(ValueError) as info:  # a password in it is not repeated
+        make_client("ftp://user:s3cr3t-pass@host/v1")
+    assert "s3cr3t-pass" not in str(info.value)

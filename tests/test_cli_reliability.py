@@ -114,6 +114,13 @@ def test_train_resumes_from_the_last_checkpoint_in_out(data, tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     fails(cli("train", "--train", data / "train.jsonl", "--out", tmp_path / "empty", *TRAIN,
               "--resume_from_checkpoint", "true"), "no checkpoint-N directory")
+    # A finished run saved without checkpoints is not overwritten unasked either.
+    done = tmp_path / "done"
+    ok(cli("train", "--train", data / "train.jsonl", "--out", done, *TRAIN, "--save_strategy", "no"))
+    weights = (done / "model.safetensors").read_bytes()
+    fails(cli("train", "--train", data / "train.jsonl", "--out", done, *TRAIN, "--save_strategy", "no"),
+          "holds a finished run")
+    assert (done / "model.safetensors").read_bytes() == weights
 
 
 # --- 4, 15: eval keeps earlier results, cuts long prompts as training does ------------------

@@ -54,3 +54,21 @@ def test_evaluate_a_handful_of_records(tmp_path):
     # left-padded batching gives the same answers as one record at a time
     one = evaluate(model, tok, records[:4], batch_size=1, progress=False)
     assert [p["prediction"] for p in one.predictions] == [p["prediction"] for p in res.predictions[:4]]
+
+
+def test_layers_out_of_range_fail_before_any_answer_is_generated(monkeypatch):
+    import importlib
+
+    import pytest
+
+    evaluate_module = importlib.import_module("cattune.evaluate")  # the package exports the function too
+
+    data = stg.generate("E")
+    model, tok = build([r.text for r in data["train_S"]], seed=0, hidden_size=32, intermediate_size=64)
+
+    def never(*args, **kwargs):
+        raise AssertionError("answers were generated before the layers were checked")
+
+    monkeypatch.setattr(evaluate_module, "generate_answers", never)
+    with pytest.raises(ValueError, match=r"layers \[7\] out of range"):
+        evaluate(model, tok, data["iid_test"][:2], layers=[7], progress=False)

@@ -135,6 +135,9 @@ def test_shipped_stg_config():
     ({"arm_args": {"baseline": {"cat_gamma": 1}}}, "baseline arm always"),
     ({"models": [{"name": "x", "size": 3}]}, "unknown model fields"),
     ({"eval": {"temperature": 0}}, "eval: unknown"),
+    # STG_E trains on train_M: a file for "train" would be read by nothing
+    ({"tasks": [{"task": "STG_E", "files": {"train": "x.jsonl"}}]}, r"files names split\(s\) \['train'\] that"),
+    ({"tasks": [{"task": "STG_E", "files": {"train_M": "nope.jsonl"}}]}, "files: train_M: no such file"),
 ])
 def test_config_errors(tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):

@@ -154,6 +154,8 @@ GOOD = json.dumps({"input": "p ", "target": "t"})
         (json.dumps({"input": "p ", "target": None}), "field 'target' must be a string or a number"),
         (json.dumps({"input": "p ", "target": True}), "field 'target' must be a string or a number"),
         (json.dumps({"input": "p ", "target": [1]}), "field 'target' must be a string or a number"),
+        (json.dumps({"input": "p ", "target": ""}), "field 'target' is empty"),
+        (json.dumps({"input": "p ", "target": "  "}), "field 'target' is empty"),
         ('{"input": "p ", "target": NaN}', "non-finite"),
         (json.dumps(["input", "target"]), "expected a JSON object"),
         (json.dumps({"input": "p ", "target": "t", "important": [{"a": ["x"], "b": ["y"]}]}), "exactly one key"),
@@ -229,6 +231,19 @@ def test_record_error_is_a_value_error():
 def test_missing_file_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_records(tmp_path / "absent.jsonl")
+    with pytest.raises(FileNotFoundError, match="is a directory, not a file"):
+        load_records(tmp_path)
+
+
+def test_config_files_name_themselves_when_unreadable(tmp_path):
+    from cattune.records import load_config_file
+
+    bad = tmp_path / "run.yaml"
+    bad.write_bytes(b"train: caf\xe9.jsonl\n")
+    with pytest.raises(ValueError, match=r"run.yaml: not UTF-8 \(byte 0xe9 at offset 10\)"):
+        load_config_file(bad)
+    with pytest.raises(FileNotFoundError, match="is a directory, not a file"):
+        load_config_file(tmp_path)
 
 
 def test_blank_lines_and_a_byte_order_mark_are_fine(tmp_path):

@@ -305,6 +305,12 @@ def test_rule_annotator_values_are_matched_spans_in_prompt_order():
         ({"key": "{answer}", "values": ["x"]}, "bad key template"),
         ({"key": "{", "values": ["x"]}, "bad key template"),
         ({"values": ["x"]}, "needs 'key'"),
+        ({"key": "{target}", "values": [5]}, "'values' must be"),
+        ({"key": "{target}", "values": None}, "'values' must be"),
+        ({"key": "{target}", "values": {"a": "b"}}, "'values' must be"),
+        ({"key": "{target}", "values": []}, "'values' must be"),
+        ({"key": "{target}", "values": ["x"], "vals": ["y"]}, "unknown field.*'vals'"),
+        ({"key": 3, "values": ["x"]}, "'key' must be a template"),
     ],
 )
 def test_rule_annotator_rejects_bad_rules_up_front(rule, reason):

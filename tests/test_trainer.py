@@ -203,6 +203,13 @@ def test_bad_input(data, tmp_path):
     for name in ("cat_alpha", "cat_gamma", "cat_gamma_decay"):
         with pytest.raises(ValueError, match=f"{name} must be a finite number"):
             config(tmp_path, **{name: float("nan")})
+    # settings with which Trainer would save an untrained model, or fail only after loading it
+    for over, message in [({"num_train_epochs": -1, "max_steps": -1}, "num_train_epochs must be > 0"),
+                          ({"learning_rate": float("nan")}, "learning_rate must be a finite number"),
+                          ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be at least 1")]:
+        with pytest.raises(ValueError, match=message):
+            config(tmp_path, **over)
+    assert config(tmp_path, num_train_epochs=0, max_steps=3).max_steps == 3
     # too long: truncated and counted, never a crash
     trainer = CATTrainer(model=model, args=config(tmp_path, max_length=30, max_steps=2),
                          train_dataset=data["train_S"][:16], processing_class=tok)

@@ -162,3 +162,11 @@ class CATConfig(TrainingArguments):
             raise ValueError(f"eval_checker must be one of {sorted(CHECKERS)}, got {self.eval_checker!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a prompt token and an answer token), got {self.max_length}")
+        # Trainer would run 0 steps and save the untrained model as if it had trained.
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs must be > 0 (or give max_steps > 0), got {self.num_train_epochs}")
+        if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a finite number >= 0, got {self.learning_rate}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -223,6 +223,8 @@ def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = 
     if not records:
         raise ValueError("nothing to evaluate: the record list is empty")
     check = get_checker(checker)
+    if attention:
+        resolve_layers(model, layers)  # a layer out of range fails now, not after the answers
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if max_new_tokens is None:

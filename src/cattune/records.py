@@ -108,6 +108,8 @@ def record_from_json(obj: Any) -> Record:
         target = _format_target(obj["target"])
     except TypeError as e:
         raise ValueError(f"field 'target' must be a string or a number, got {e}") from None
+    if not target.strip():  # no answer token: nothing to train on or to check an answer against
+        raise ValueError("field 'target' is empty")
     important = normalize_important(obj.get("important"))
     meta = {k: v for k, v in obj.items() if k not in ("input", "target", "important")}
     raw = None if isinstance(obj["target"], str) else obj["target"]
@@ -181,8 +183,7 @@ def iter_json_lines(path: str | os.PathLike, parse=record_from_json,
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    _check_is_file(path)
     skipped: list[tuple[int, str]] = []
     for lineno, line in _decode_lines(path):
         if isinstance(line, str) and not line.strip():
@@ -254,13 +255,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: is a directory, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+
+
+def read_text_file(path: str | os.PathLike, error: type[Exception] = ValueError) -> str:
+    """A whole UTF-8 text file; a missing file, a directory or other bytes name the path."""
+    path = Path(path)
+    _check_is_file(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+
+
 def load_config_file(path: str | os.PathLike, error: type[Exception] = ValueError):
     """Parse a JSON (.json) or YAML (any other name) file; a syntax error raises ``error``
     naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, error)
     if path.suffix == ".json":
         try:
             return json.loads(text)

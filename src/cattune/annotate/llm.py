@@ -162,6 +162,11 @@ def make_client(base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY"
         if require_key:
             raise ValueError(f"environment variable {api_key_env} is not set (it must hold the API key)")
         key = PLACEHOLDER_KEY
+    if base_url:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:  # else each request times out on its own
+            raise ValueError(f"the base URL must start with http:// or https:// and name a host, e.g. "
+                             f"http://127.0.0.1:8000/v1; got {Redactor.for_endpoint(None, base_url).url(base_url)}")
     query = None
     if base_url and urlsplit(base_url).query:
         # The client appends its routes to the base URL as text, which would put them

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from ..records import Annotation, Record, RecordError, iter_records
+from ..records import Annotation, Record, RecordError, iter_records, read_text_file
 from ..shipped import is_builtin, shipped_file
 from .replies import check_annotation
 
@@ -46,7 +46,7 @@ def resolve_file(spec: str | os.PathLike, kind: str) -> Path:
 
 
 def load_instructions(spec: str | os.PathLike) -> str:
-    text = resolve_file(spec, "instructions").read_text(encoding="utf-8").strip()
+    text = read_text_file(resolve_file(spec, "instructions")).strip()
     if not text:
         raise ValueError(f"{spec}: the instructions file is empty")
     return text

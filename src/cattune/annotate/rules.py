@@ -23,9 +23,17 @@ class RuleAnnotator:
         for i, rule in enumerate(rules):
             if not isinstance(rule, dict) or "key" not in rule or "values" not in rule:
                 raise ValueError(f"rule {i}: needs 'key' (a template) and 'values' (a list of regexes)")
+            if unknown := sorted(set(rule) - {"key", "values"}):
+                raise ValueError(f"rule {i}: unknown field(s) {', '.join(map(repr, unknown))}; a rule has 'key' "
+                                 "and 'values'")
             values = rule["values"]
             if isinstance(values, str):
                 values = [values]
+            if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"rule {i}: 'values' must be a regex or a non-empty list of regexes (strings), "
+                                 f"got {values!r}")
+            if not isinstance(rule["key"], str):
+                raise ValueError(f"rule {i}: 'key' must be a template string such as '{{target}}', got {rule['key']!r}")
             try:
                 patterns = [re.compile(v) for v in values]
             except re.error as e:

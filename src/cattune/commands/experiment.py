@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(to reproduce one cell of a grid); the summary covers every finished run")
     p.add_argument("--only-arms", type=_name_list, metavar="ARM,ARM", help=f"run only these arms ({', '.join(ARMS)})")
     p.add_argument("--only-tasks", type=_name_list, metavar="LABEL,LABEL", help="run only these task labels")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's 'threads', else torch's)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: the config's 'threads', else torch's)")
     p.add_argument("--max-runs", type=int, metavar="N", help="stop after N new runs (run again to continue)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                    help="train N runs at once, each in its own process with --threads torch threads (1 if unset); "
                    "with the same --threads the results are those of one run at a time (default: 1)")
     p.add_argument("--dry-run", action="store_true", help="print each task and arm's training settings and list the runs, finished or not; train nothing")
@@ -51,6 +51,16 @@ def _int_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,3; got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _name_list(text: str) -> list[str]:

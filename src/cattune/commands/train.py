@@ -169,6 +169,9 @@ def resume_checkpoint(targs, config) -> str | None:
             raise ValueError(f"--resume_from_checkpoint: no checkpoint-N directory in --out {out}")
         return last
     if last is None:
+        if (out / "train_report.json").exists():  # a finished run saved without checkpoints
+            raise ValueError(f"--out {out} holds a finished run (train_report.json); --overwrite_output_dir "
+                             "replaces it, or give another --out")
         return None
     hint = "pass --resume_from_checkpoint to continue it anyway, --overwrite_output_dir to start over, or another --out"
     if (out / "train_report.json").exists():

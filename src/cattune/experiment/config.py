@@ -264,6 +264,15 @@ def _task_entry(obj: Any, where: str, base_dir: Path) -> TaskEntry:
         raise ConfigError(f"{where}: test must be a split name, a list of them or a {{name: split}} object")
     if not tests:
         raise ConfigError(f"{where}: no test set")
+    if obj.get("files"):  # a split named wrong would silently read the task's own data
+        used = {str(train_split), *tests.values()}
+        if unused := sorted(set(map(str, obj["files"])) - used):
+            raise ConfigError(f"{where}: files names split(s) {unused} that this entry does not use: it trains on "
+                              f"{str(train_split)!r} and tests on {sorted(set(tests.values()))} (set train:/test: "
+                              "to use them)")
+        for split, path in task.source["files"].items():
+            if not Path(path).is_file():
+                raise ConfigError(f"{where}: files: {split}: no such file: {path}")
     label = str(obj.get("label", task.name if train_split == task.train_split else f"{task.name}_{train_split}"))
     for name in ("train_limit", "test_limit"):
         v = obj.get(name)
