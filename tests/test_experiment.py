@@ -138,6 +138,8 @@ def test_shipped_stg_config():
     # STG_E trains on train_M: a file for "train" would be read by nothing
     ({"tasks": [{"task": "STG_E", "files": {"train": "x.jsonl"}}]}, r"files names split\(s\) \['train'\] that"),
     ({"tasks": [{"task": "STG_E", "files": {"train_M": "nope.jsonl"}}]}, "files: train_M: no such file"),
+    ({"tasks": [{"task": "STG_E", "train": "trian_M"}]}, r"unknown split\(s\) \['trian_M'\] of task STG_E"),
+    ({"tasks": [{"task": "SVAMP", "test": ["tset"]}]}, r"unknown split\(s\) \['tset'\] of task SVAMP"),
 ])
 def test_config_errors(tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):

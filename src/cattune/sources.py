@@ -137,9 +137,12 @@ def _hub_load_dataset(name: str, config: str | None, split: str):
     return datasets.load_dataset(name, config, split=split)
 
 
+DEFAULT_HUB_SPLITS = {"train": "train", "test": "test"}  # a hub source without "splits"
+
+
 def load_hub(src: dict, task: str, split: str) -> list[Record]:
     """One split of a hub dataset, each row mapped by the source's fields."""
-    splits = src.get("splits", {"train": "train", "test": "test"})
+    splits = src.get("splits", DEFAULT_HUB_SPLITS)
     if split not in splits:
         raise TaskError(f"task {task}: unknown split {split!r}; hub splits: {sorted(splits)}")
     name, config = src["hub"], src.get("config")

@@ -47,7 +47,8 @@ from typing import Callable
 
 from .evaluate import CHECKERS
 from .records import Record, load_config_file
-from .sources import SOURCE_KINDS, TARGET_TRANSFORMS, TaskError, load_file, load_hub, stg_split
+from .sources import (DEFAULT_HUB_SPLITS, SOURCE_KINDS, TARGET_TRANSFORMS, TaskError, load_file, load_hub,
+                      stg_split, stg_split_sizes)
 
 
 # --------------------------------------------------------------------------- the task
@@ -116,6 +117,16 @@ class Task:
         return out
 
     # -- data
+    def splits(self) -> set[str]:
+        """The split names ``load`` accepts (checked when a config is read, not at a run)."""
+        source = self.source
+        if self.kind == "stg":
+            return set(stg_split_sizes(source["stg"]))
+        if self.kind == "files":
+            fallback = replace(self, source=source["fallback"]).splits() if "fallback" in source else set()
+            return set(source["files"]) | fallback
+        return set(source.get("splits", DEFAULT_HUB_SPLITS))
+
     def with_files(self, files: dict[str, str], base_dir: str | os.PathLike | None = None) -> "Task":
         """A copy that reads the given splits from local JSONL files (rows in the paper's
         format as they are, other rows through the source's mapping); splits not
