@@ -264,10 +264,10 @@ def _task_entry(obj: Any, where: str, base_dir: Path) -> TaskEntry:
         raise ConfigError(f"{where}: test must be a split name, a list of them or a {{name: split}} object")
     if not tests:
         raise ConfigError(f"{where}: no test set")
-    if unknown := sorted({str(train_split), *tests.values()} - task.splits()):
-        raise ConfigError(f"{where}: unknown split(s) {unknown} of task {task.name}; its splits: {sorted(task.splits())}")
+    used, known = {str(train_split), *tests.values()}, task.splits()
+    if unknown := sorted(used - known):
+        raise ConfigError(f"{where}: unknown split(s) {unknown} of task {task.name}; its splits: {sorted(known)}")
     if obj.get("files"):  # a split named wrong would silently read the task's own data
-        used = {str(train_split), *tests.values()}
         if unused := sorted(set(map(str, obj["files"])) - used):
             raise ConfigError(f"{where}: files names split(s) {unused} that this entry does not use: it trains on "
                               f"{str(train_split)!r} and tests on {sorted(set(tests.values()))} (set train:/test: "
