@@ -3,6 +3,7 @@ traceback. Every case runs the real command in a subprocess."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,7 +176,12 @@ def test_lora_on_the_embedded_model_loads_again_offline(data, tmp_path):
     (["train", "--train", "TRAIN", "--out", "OUT", "--max_length", "0"], "max_length must be at least 2"),
     (["train", "--train", "TRAIN", "--out", "OUT", "--max_length", "1"], "max_length must be at least 2"),
     (["train", "--train", "TRAIN", "--out", "OUT", "--gamma", "nan"], "cat_gamma must be a finite number"),
+    (["train", "--train", "TRAIN", "--out", "OUT", "--cat_gamma_decay", "-1"], "cat_gamma_decay must be >= 0"),
+    (["demo", "--alpha", "0", "--out", "OUT"], "invalid option --alpha / --h-alpha: task STG_E, arm baseline: "
+     "cat_alpha must be > 0"),
+    (["demo", "--batch-size", "0", "--out", "OUT"], "invalid option --batch-size:"),
     (["eval", "--model", "EMPTY", "--data", "TRAIN"], "not a model directory"),
+    (["eval", "--model", "NOTOKENIZER", "--data", "TRAIN"], "holds a model but no tokenizer"),
     (["eval", "--model", "MODEL", "--data", "TRAIN", "--batch-size", "0"], "--batch-size must be a positive"),
     (["experiment", "builtin:stg", "--max-runs", "-1", "--out", "OUT"], "max_runs must be 0 or more"),
     (["explain", "--model", "MODEL", "--data", "TRAIN", "--record", "99", "--out", "OUT/x.png"], "out of range"),
@@ -185,9 +191,24 @@ def test_bad_values_are_one_line_errors(model, data, tmp_path, argv, message):
     (tmp_path / "empty").mkdir()
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"input": "caf\xe9 ", "target": "t"}\n')
+    (tmp_path / "no_tokenizer").mkdir()
+    shutil.copy(model / "config.json", tmp_path / "no_tokenizer")
     subst = {"TRAIN": data / "train.jsonl", "OUT": tmp_path / "out", "EMPTY": tmp_path / "empty", "MODEL": model,
-             "UTF16BAD": bad}
+             "UTF16BAD": bad, "NOTOKENIZER": tmp_path / "no_tokenizer"}
     fails(cli(*[str(subst.get(a, a)).replace("OUT", str(tmp_path / "out")) for a in argv]), message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cat_loss", "foo"], "invalid choice: 'foo'"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["--config", "BADCONFIG"], "cat_loss must be one of"),
+])
+def test_train_option_errors_are_not_buried_under_the_usage(tmp_path, argv, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cat_loss: foo\n")
+    r = fails(cli("train", "--train", "x.jsonl", "--out", tmp_path / "o",
+                  *[str(bad) if a == "BADCONFIG" else a for a in argv]), message)
+    assert "usage:" not in r.stderr and len(r.stderr.splitlines()) == 2, r.stderr
 
 
 def test_experiment_max_runs_zero_writes_no_table_and_says_so(tmp_path):
@@ -201,6 +222,9 @@ def test_experiment_max_runs_zero_writes_no_table_and_says_so(tmp_path):
     ("train", {"max_steps": 2.5}, "max_steps must be an integer"),
     ("eval", {"batch_size": 0}, "eval.batch_size must be a positive integer"),
     ("eval", {"batch_size": "big"}, "eval.batch_size must be a positive integer"),
+    ("models", ["./no_such_model"], "./no_such_model: no such model directory"),  # not hours into a grid
+    ("models", ["builtin:nope"], "unknown built-in model builtin:nope"),
+    ("models", ["no_model.gguf"], "no_model.gguf: no such GGUF file"),
 ])
 def test_experiment_config_types_fail_before_any_run(tmp_path, field, value, message):
     import yaml

@@ -156,8 +156,12 @@ class CATConfig(TrainingArguments):
         for name in ("cat_alpha", "cat_gamma", "cat_gamma_decay"):
             if not math.isfinite(getattr(self, name)):  # nan would compare False everywhere and switch CAT off
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.cat_gamma < 0 or self.cat_alpha <= 0:
-            raise ValueError("cat_gamma must be >= 0 and cat_alpha > 0")
+        if self.cat_alpha <= 0:
+            raise ValueError(f"cat_alpha must be > 0, got {self.cat_alpha}")
+        # A negative decay would grow the Re-Attention weight without bound over training.
+        for name in ("cat_gamma", "cat_gamma_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_checker not in CHECKERS:
             raise ValueError(f"eval_checker must be one of {sorted(CHECKERS)}, got {self.eval_checker!r}")
         if self.max_length < 2:

@@ -142,6 +142,39 @@ def resolve_model(reference: str) -> str:
     return reference
 
 
+# Files of which a saved tokenizer holds at least one (fast, sentencepiece or BPE vocabularies).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_model_dir(path: Path, reference: str) -> None:
+    if (path / "adapter_config.json").is_file():
+        return  # a LoRA adapter: its base model brings the tokenizer when it has none of its own
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{reference}: not a model directory (no config.json or adapter_config.json in it)")
+    if not any((path / n).is_file() for n in _TOKENIZER_FILES):
+        raise ModelError(f"{reference}: holds a model but no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                         "save one beside it with tokenizer.save_pretrained(DIR)")
+
+
+def check_model_reference(reference: str) -> None:
+    """Fail now, loading nothing, where a reference cannot name a model: a built-in whose
+    package is missing, a GGUF file or local directory that is not there, a directory with
+    no model in it. A hub id is left to ``from_pretrained``, which alone can tell."""
+    if is_builtin(reference):
+        builtin_gguf(builtin_name(reference))
+        return
+    path = Path(reference).expanduser()
+    if reference.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"{reference}: no such GGUF file")
+    elif path.is_dir():
+        _check_model_dir(path, reference)
+    elif path.exists():
+        raise ModelError(f"{reference}: a file, not a model directory")
+    elif reference.startswith(("/", ".", "~")) or reference.count("/") > 1:  # no hub id looks like this
+        raise ModelError(f"{reference}: no such model directory")
+
+
 def read_training_info(model_dir: str | os.PathLike) -> dict:
     """``cattune.json`` of a saved model directory, or {} (any other model)."""
     path = Path(model_dir) / TRAINING_INFO
@@ -186,9 +219,8 @@ def load_model(reference: str, trust_remote_code: bool = False, torch_dtype: str
     base_ref = info.get("base_model") if (Path(path) / "adapter_config.json").is_file() else None
     if base_ref and (Path(path) / base_ref).is_dir():  # recorded relative to the adapter
         base_ref = str(Path(path) / base_ref)
-    if local and Path(path).is_dir() and not any((Path(path) / n).is_file()
-                                                for n in ("config.json", "adapter_config.json")):
-        raise ModelError(f"{reference}: not a model directory (no config.json or adapter_config.json in it)")
+    if local and Path(path).is_dir():
+        _check_model_dir(Path(path), reference)
     kw = {"trust_remote_code": trust_remote_code}
     if local:
         kw["local_files_only"] = True

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-from ..experiment import RESULTS, RunSpec, parse_config, read_results, resolve_config_path, run_experiment
+from ..experiment import RESULTS, ConfigError, RunSpec, parse_config, read_results, resolve_config_path, run_experiment
 from ..files import check_writable_dir
 from ..masks import SPAN_COLUMNS
 from ..models import parse_layers
@@ -119,6 +120,20 @@ def demo_config(args, variants: list[str]):
         tasks.append(entry)
     data["tasks"] = tasks
     return parse_config(data, path)
+
+
+# The recipe's training fields, as the options that set them.
+_OPTIONS = {"cat_alpha": "--alpha / --h-alpha", "cat_gamma": "--gamma",
+            "cat_gamma_decay": "--gamma-decay / --h-gamma-decay", "cat_layers": "--layers / --h-layers",
+            "num_train_epochs": "--epochs / --h-epochs", "learning_rate": "--lr / --h-lr",
+            "per_device_train_batch_size": "--batch-size"}
+
+
+def _option_error(message: str) -> str:
+    """A config error from the demo's options, said in terms of the options rather than the recipe file."""
+    detail = message.split(": ", 1)[1] if message.startswith(str(_recipe()[0])) else message
+    named = [opt for field, opt in _OPTIONS.items() if re.search(rf"\b{field}\b", detail)]
+    return f"invalid option{'s' if len(named) > 1 else ''} {', '.join(named)}: {detail}" if named else detail
 
 
 def _runs(out: Path, results: list[dict], config) -> list[dict]:
@@ -244,7 +259,10 @@ def run(args) -> int:
         raise ValueError(f"--variants takes E, H or E,H; got {args.variants!r}")
     out = Path(args.out)
     check_writable_dir(out, "--out")
-    config = demo_config(args, variants)
+    try:
+        config = demo_config(args, variants)
+    except ConfigError as e:  # the recipe file is sound: only an option can have broken it
+        raise ValueError(_option_error(str(e))) from None
     started = time.time()
     # The demo trains afresh every time (the runner would keep runs finished under other
     # options), so it clears its own runs, and never an experiment's that shares the folder.

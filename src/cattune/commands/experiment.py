@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                    help="train N runs at once, each in its own process with --threads torch threads (1 if unset); "
                    "with the same --threads the results are those of one run at a time (default: 1)")
-    p.add_argument("--dry-run", action="store_true", help="print each task and arm's training settings and list the runs, finished or not; train nothing")
+    p.add_argument("--dry-run", action="store_true", help="print each task and arm's training settings and list the runs, finished or not; "
+                   "check that each model is there (a built-in's package, a local directory or .gguf file); train nothing")
     p.add_argument("--summary-only", action="store_true", help="rewrite summary.md, summary.csv and runs.csv from results.jsonl")
     p.add_argument("--progress", action="store_true", help="show training and evaluation progress bars")
     p.add_argument("--compare", metavar="DIR", help="after running (or with --summary-only), put each finished run "

@@ -64,8 +64,13 @@ class TrainArguments:
     )
 
 
+class _Parser(HfArgumentParser):
+    def error(self, message):  # the usage of every TrainingArguments field is 120 lines: it would bury the error
+        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists the options)\n")
+
+
 def build_parser():
-    p = HfArgumentParser((TrainArguments, CATConfig), formatter_class=HelpFormatter)
+    p = _Parser((TrainArguments, CATConfig), formatter_class=HelpFormatter)
     p.description = ("Fine-tune a causal LM with Causal Attention Tuning: loss = CE(answer) + gamma(t) * "
                      "Re-Attention loss. --gamma 0 trains the plain fine-tuning baseline. Every "
                      "transformers TrainingArguments field is accepted too (--learning_rate, --num_train_epochs, "
@@ -120,9 +125,12 @@ def parse(parser, argv):
             argv.insert(i + 1, "true")
             break
     try:
-        targs, config = parser.parse_args_into_dataclasses(args=argv)[:2]  # then --config, already applied
-    except ValueError as e:  # unknown options, or a CATConfig value out of range
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        targs, config = parsed[:2]  # then the namespace of --config, already applied
+    except ValueError as e:  # a CATConfig value out of range
         parser.error(str(e))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return targs, config
 
 

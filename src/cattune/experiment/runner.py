@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..models import check_model_reference
 from ..records import Record, atomic_write_text
 from .arms import placebo_records
 from .config import ConfigError, ExperimentConfig, ModelEntry, RunSpec, TaskEntry, plan, settings_hash, train_args_for
@@ -297,6 +298,9 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
         log(f"warning: {len(report.changed)} finished run(s) used other settings than the config now has "
             f"(e.g. {report.changed[0].run_id}); they are kept. Delete their lines from {results_path} or use "
             "another output directory to run them again.")
+    for label in sorted({spec.model for spec in (runs if dry_run else todo)}):  # before hours of other runs
+        if not models[label].is_tiny:
+            check_model_reference(models[label].path)
     log(f"experiment {config.name}: {len(runs)} runs, {len(report.skipped)} already finished, {len(todo)} to run "
         f"-> {out}")
     if dry_run:
