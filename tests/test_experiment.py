@@ -428,6 +428,62 @@ def test_parallel_failure_keeps_the_runs_that_finish(tmp_path):
     assert any("broken__baseline__seed0 failed" in m for m in messages)
 
 
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    from cattune.experiment import runner
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    tasks = [{"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 24, "test_limit": 6}]
+    train = {"max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": "3e-3",
+             "use_cpu": True}
+    whole = run_experiment(load_config(micro(tmp_path / "a", arms=["cat"], seeds=1, tasks=tasks, train=train,
+                                             checkpoint_minutes=0)), out=tmp_path / "a", log=lambda m: None)
+    assert whole.complete and not list((tmp_path / "a").glob(".*"))  # no checkpoint: nothing left behind
+
+    cfg = load_config(micro(tmp_path / "b", arms=["cat"], seeds=1, tasks=tasks, train=train,
+                            checkpoint_minutes=1e-6))  # a checkpoint after every step
+    timed = runner._checkpoint_callback
+
+    def killed_after_three_saves(minutes, before):
+        cb = timed(minutes, before)
+        on_save = cb.on_save
+
+        def save(args, state, control, **kw):
+            on_save(args, state, control, **kw)
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+        cb.on_save = save
+        return cb
+
+    monkeypatch.setattr(runner, "_checkpoint_callback", killed_after_three_saves)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, out=tmp_path / "b", log=lambda m: None)
+    partial = tmp_path / "b" / ".E__tiny__cat__seed0.partial"
+    assert [d.name for d in partial.glob("checkpoint-*")] == ["checkpoint-3"]  # only the last is kept
+    monkeypatch.setattr(runner, "_checkpoint_callback", timed)
+    assert run_experiment(cfg, out=tmp_path / "b", log=lambda m: None).complete
+    a, b = lines(tmp_path / "a" / "results.jsonl")[0], lines(tmp_path / "b" / "results.jsonl")[0]
+    assert b["resumed_at_step"] == 3 and "resumed_at_step" not in a and b["steps"] == a["steps"] == 6
+    assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-4) and b["tests"] == a["tests"]
+    history = json.loads((tmp_path / "b" / b["log"]).read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert not partial.exists()  # the result line holds the run now
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
+    from cattune.experiment.runner import _resume_point
+
+    work = tmp_path / ".run.partial"
+    (work / "checkpoint-2").mkdir(parents=True)
+    (work / "checkpoint-2" / "cattune_train_seconds.json").write_text('{"train_seconds": 5.0}')
+    (work / "settings").write_text("abc\n")
+    assert _resume_point(work, "abc") == (str(work / "checkpoint-2"), 5.0)
+    (work / "checkpoint-4").mkdir()  # killed while saving: no time file yet
+    assert _resume_point(work, "abc")[0] == str(work / "checkpoint-2")
+    assert _resume_point(work, "other") == (None, 0.0) and not work.exists()
+    with pytest.raises(ConfigError, match="checkpoint_minutes must be a number of minutes"):
+        load_config(micro(tmp_path, checkpoint_minutes=-1))
+
+
 def test_only_some_seeds_arms_and_tasks(tmp_path, capsys):
     # One cell of a grid, as a user reproducing a committed figure would run it.
     cfg_path = micro(tmp_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ from ..fields import _typed, typed_fields
 RESERVED_TRAIN = ("output_dir", "seed", "save_strategy", "report_to")
 DEFAULT_EVAL = {"batch_size": 32, "max_new_tokens": None}
 
-_CONFIG_KEYS = {"name", "output", "seeds", "arms", "models", "tasks", "task_files", "train", "train_from", "arm_args", "eval",
-                "save_models", "save_predictions", "threads", "description", "reference"}
+_CONFIG_KEYS = {"name", "output", "seeds", "arms", "models", "tasks", "task_files", "train", "train_from", "arm_args",
+                "eval", "save_models", "save_predictions", "threads", "checkpoint_minutes", "description", "reference"}
 _TASK_ENTRY_KEYS = {"task", "label", "train", "test", "files", "train_limit", "test_limit", "train_args", "seeds"}
 _MODEL_KEYS = {"name", "path", "tiny", "lora", "trust_remote_code"}
 
@@ -79,6 +80,7 @@ class ExperimentConfig:
     save_models: bool | list[int] = False  # True, or the seeds whose models are kept
     save_predictions: bool = False
     threads: int | None = None
+    checkpoint_minutes: float = 10.0  # a run training longer saves a checkpoint to resume from; 0: never
     path: Path | None = None
 
     def seeds_of(self, task: str) -> list[int]:
@@ -155,6 +157,12 @@ def _positive_int(value: Any, where: str, allow_none: bool = True) -> int | None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where} must be a positive integer, got {value!r}")
     return value
+
+
+def _minutes(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ConfigError(f"{where} must be a number of minutes, 0 or more, got {value!r}")
+    return float(value)
 
 
 def _flag(value: Any, where: str) -> bool:
@@ -371,7 +379,8 @@ def _parse_config(data: dict, path: Path | None = None) -> ExperimentConfig:
         models=model_entries, tasks=task_entries, train=train, arm_args=arm_args, eval=ev,
         save_models=_save_models(data.get("save_models", False), f"{where}: save_models"),
         save_predictions=_flag(data.get("save_predictions", False), f"{where}: save_predictions"),
-        threads=_positive_int(data.get("threads"), f"{where}: threads"), path=path,
+        threads=_positive_int(data.get("threads"), f"{where}: threads"),
+        checkpoint_minutes=_minutes(data.get("checkpoint_minutes", 10.0), f"{where}: checkpoint_minutes"), path=path,
     )
     _check_train_args(config, where)
     return config

@@ -14,6 +14,9 @@ set of its task. Outputs, in the output directory:
   readable by ``cattune.explain.plot_ratio_curve``.
 - ``predictions/RUN.jsonl`` and ``models/RUN/`` when ``save_predictions`` /
   ``save_models`` are set.
+- ``.RUN.partial/``, while a run trains for longer than ``checkpoint_minutes``: its last
+  checkpoint (weights, optimizer, RNG states), from which the same command resumes the
+  run after a kill; removed once the run's result line is written.
 """
 
 from __future__ import annotations
@@ -92,6 +95,48 @@ def load_task_data(entry: TaskEntry, need_tokenizer_texts: bool = True) -> TaskD
     return TaskData(train=train, tests=tests, tokenizer_texts=texts or [r.text for r in train])
 
 
+PARTIAL = ".{}.partial"  # a run's checkpoint directory, named by its run id
+ELAPSED = "cattune_train_seconds.json"  # in each checkpoint: training seconds up to it, over all resumptions
+
+
+def _resume_point(work: Path, settings: str) -> tuple[str | None, float]:
+    """The last checkpoint in a run's directory, and the training seconds it holds;
+    (None, 0) if there is none, or it was written under other settings (then removed)."""
+    stamp = work / "settings"
+    if work.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != settings):
+        shutil.rmtree(work, ignore_errors=True)
+    checkpoints = sorted(work.glob("checkpoint-*"), key=lambda d: int(d.name.rpartition("-")[2])
+                         if d.name.rpartition("-")[2].isdigit() else -1)
+    for ckpt in reversed(checkpoints):  # a kill mid-save leaves one without its time file: take the one before
+        if (ckpt / ELAPSED).is_file():
+            return str(ckpt), float(json.loads((ckpt / ELAPSED).read_text())["train_seconds"])
+    return None, 0.0
+
+
+def _checkpoint_callback(minutes: float, seconds_before: float):
+    """A TrainerCallback that saves a checkpoint every ``minutes`` of training, and at the
+    last step of a run that took that long: a kill costs at most ``minutes`` of work."""
+    from transformers import TrainerCallback
+
+    class TimedCheckpoints(TrainerCallback):
+        def __init__(self):
+            self.started = self.last = time.time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.time()
+            if now - self.last >= minutes * 60 or (state.global_step >= state.max_steps
+                                                   and now - self.started >= minutes * 60):
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.time()
+            spent = seconds_before + self.last - self.started
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            atomic_write_text(ckpt / ELAPSED, json.dumps({"train_seconds": round(spent, 1)}) + "\n")
+
+    return TimedCheckpoints()
+
+
 def _build_model(model: ModelEntry, data: TaskData, seed: int):
     if model.is_tiny:
         from ..tiny import build
@@ -138,10 +183,19 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
     if spec.arm == "placebo":
         train = placebo_records(train, entry.task, seed=spec.seed, tokenizer=tok, counts=placebo_counts)
     args = train_args_for(config, entry, spec.arm)
-    tmp = tempfile.mkdtemp(prefix=f".{spec.run_id}.", dir=out)
+    settings = settings_hash(config, entry, model_entry, spec.arm)
+    resume, seconds_before = None, 0.0
+    if config.checkpoint_minutes:
+        work = out / PARTIAL.format(spec.run_id)
+        resume, seconds_before = _resume_point(work, settings)
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work / "settings", settings + "\n")
+    else:
+        work = Path(tempfile.mkdtemp(prefix=f".{spec.run_id}.", dir=out))
     try:
-        kw = {"disable_tqdm": not progress, **args,
-              "output_dir": tmp, "seed": spec.seed, "save_strategy": "no", "report_to": []}
+        # save_strategy "no": checkpoints come only from the timer below, and only the last is kept.
+        kw = {"disable_tqdm": not progress, **args, "output_dir": str(work), "seed": spec.seed,
+              "save_strategy": "no", "save_total_limit": 1, "report_to": []}
         targs = CATConfig(**kw)
         trainer = CATTrainer(model=model, args=targs, train_dataset=train, processing_class=tok,
                              base_model=model_entry.path)
@@ -149,10 +203,13 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        if config.checkpoint_minutes:
+            trainer.add_callback(_checkpoint_callback(config.checkpoint_minutes, seconds_before))
+        trainer.train(resume_from_checkpoint=resume)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    train_seconds = time.time() - started
+        if not config.checkpoint_minutes:
+            shutil.rmtree(work, ignore_errors=True)
+    train_seconds = seconds_before + time.time() - started
     history = trainer.state.log_history
     if config.keeps_model(spec.seed):
         model_dir = out / "models" / spec.run_id
@@ -189,6 +246,7 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
             json.dumps({"test": name, **p}, ensure_ascii=False) + "\n"
             for name, preds in predictions.items() for p in preds))
     ratios = [h["attn_ratio"] for h in history if "attn_ratio" in h]
+    resumed = {"resumed_at_step": int(resume.rpartition("-")[2])} if resume else {}
     losses = [h["loss"] for h in history if "loss" in h]
     return {
         "task": spec.task, "model": spec.model, "arm": spec.arm, "seed": spec.seed,
@@ -200,13 +258,14 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
         "cat_gamma": args["cat_gamma"],
         "placebo": placebo_counts or None,
         "encode": trainer.encode_stats.get("train"),
-        "settings": settings_hash(config, entry, model_entry, spec.arm),
+        "settings": settings,
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.time() - started, 1),
         "log": str(log_path.relative_to(out)),
         "attention_plot": attention_plot,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "execution": execution(trainer.args.device),
+        **resumed,
     }
 
 
@@ -314,9 +373,10 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
             log(f"  {'done' if spec.key in finished else 'todo'}  {spec.run_id}")
         return report
     out.mkdir(parents=True, exist_ok=True)
-    for spec in todo:  # training directories of runs killed last time
+    for spec in todo:  # training directories of runs killed last time, but not their checkpoints
         for stale in out.glob(f".{glob.escape(spec.run_id)}.*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.name != PARTIAL.format(spec.run_id):
+                shutil.rmtree(stale, ignore_errors=True)
     if config.threads:
         import torch
 
@@ -336,6 +396,7 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
 
     def finished_run(spec: RunSpec, result: dict) -> None:
         append_result(results_path, result)
+        shutil.rmtree(out / PARTIAL.format(spec.run_id), ignore_errors=True)  # the result holds the run now
         results.append(result)
         report.ran.append(spec)
         accs = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in result["tests"].items())
