@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cattune demo --out demo_out
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=10
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py

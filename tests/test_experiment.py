@@ -416,6 +416,7 @@ def test_parallel_jobs_give_the_same_results(tmp_path):
 def test_parallel_failure_keeps_the_runs_that_finish(tmp_path):
     (tmp_path / "nope").mkdir()  # looks like a model directory (so the up-front check passes), but does not load
     (tmp_path / "nope" / "config.json").write_text("{}")
+    (tmp_path / "nope" / "tokenizer_config.json").write_text("{}")
     cfg = load_config(micro(tmp_path, arms=["baseline"], seeds=1,
                             models=[{"name": "tiny", "tiny": TINY}, {"name": "broken", "path": str(tmp_path / "nope")}],
                             tasks=[{"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 16,

@@ -265,7 +265,9 @@ def test_train_with_chat_template_then_eval_without_repeating_it(smollm2, stg_e_
     res = evaluate(model, tok, stg_e_released["train_M"][8:14], chat_template=True, layers=[-1], progress=False)
     assert [p["prediction"] for p in res.predictions] == cli_predictions
     assert res.attention_ratio is not None
-    assert result["results"][str(test)]["attention_ratio"] == pytest.approx(res.attention_ratio, rel=1e-6)
+    # rel 1e-5, not exact: the suite runs torch on 1 thread (test_evaluate.py), the command on 2, and float32
+    # sums in another order differ in the 7th digit
+    assert result["results"][str(test)]["attention_ratio"] == pytest.approx(res.attention_ratio, rel=1e-5)
     print("\npredictions after two LoRA steps:", cli_predictions)
 
     # explain draws the same rendering: the answer rows' causal columns are the values

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .attention import AttentionProbe, resolve_layers, use_row_probe
 from .loss import attention_ratio, row_terms, visible_columns
 from .masks import DEFAULT_SPAN_COLUMNS, collate, encode_record, render_prompt
+from .models import takes_logits_to_keep
 from .records import Record
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -190,13 +191,15 @@ def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: 
     use_row_probe(model)
     chosen = resolve_layers(model, layers)
     device = _device(model)
+    # Only attention is read: the LM head (a fifth of a small model's forward) runs on one position.
+    skip_head = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
     total, count = 0.0, 0
     for i in range(0, len(encoded), batch_size):
         b = collate(encoded[i : i + batch_size], tokenizer.pad_token_id, padding_side="right")
         rows = b.rows.to(device)
         probe = AttentionProbe(rows, layers=chosen)
         model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), cat_probe=probe,
-              use_cache=False)
+              use_cache=False, **skip_head)
         attn = probe.result()
         a1, a0, counted = row_terms(attn, b.causal.to(device), visible_columns(rows, attn.shape[-1],
                                                                                b.attention_mask.to(device)))

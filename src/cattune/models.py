@@ -279,6 +279,15 @@ def training_settings(reference: str, chat_template: bool | None = None, span_co
     }
 
 
+def takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward can skip the LM head on some positions (``logits_to_keep``,
+    as transformers' causal LMs do); a peft wrapper is asked about the model it wraps."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def prepare_tokenizer(tokenizer):
     """A pad token is needed for batching: fall back to EOS, as most causal-LM recipes do."""
     if tokenizer.pad_token_id is None:

@@ -20,7 +20,8 @@ from .attention import AttentionProbe, resolve_layers, use_row_probe
 from .config import CATConfig
 from .loss import attention_ratio, counted_rows, row_loss, row_terms, visible_columns
 from .masks import EncodedRecord, collate, encode_record
-from .models import lora_model, prepare_tokenizer, write_training_info  # noqa: F401  (lora_model: public here too)
+from .models import lora_model  # noqa: F401  (public here too)
+from .models import prepare_tokenizer, takes_logits_to_keep, write_training_info
 from .records import Record, record_from_json
 
 logger = logging.get_logger(__name__)
@@ -135,13 +136,9 @@ class CATTrainer(Trainer):
             encoded_eval = self._encode("eval", tokenizer, self._eval_records, args)
         use_row_probe(model)
         self.cat_layers = resolve_layers(model, args.cat_layers)
-        if args.answer_logits_only:
-            import inspect
-
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-                raise ValueError(f"answer_logits_only needs a model whose forward takes logits_to_keep; "
-                                 f"{type(base).__name__} does not")
+        if args.answer_logits_only and not takes_logits_to_keep(model):
+            raise ValueError(f"answer_logits_only needs a model whose forward takes logits_to_keep; "
+                             f"{type(model).__name__} does not")
         kwargs.setdefault("data_collator", CATCollator(tokenizer.pad_token_id))
         super().__init__(model=model, args=args, train_dataset=encoded_train, eval_dataset=encoded_eval,
                          processing_class=tokenizer, **kwargs)
