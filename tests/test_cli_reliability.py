@@ -198,17 +198,36 @@ def test_bad_values_are_one_line_errors(model, data, tmp_path, argv, message):
     fails(cli(*[str(subst.get(a, a)).replace("OUT", str(tmp_path / "out")) for a in argv]), message)
 
 
+@pytest.mark.parametrize("model, message", [
+    ("./no_such_model", "./no_such_model: no such model directory"),  # not hours into a grid
+    ("builtin:nope", "unknown built-in model builtin:nope"),
+    ("no_model.gguf", "no_model.gguf: no such GGUF file"),
+])
+def test_experiment_checks_its_models_before_any_run(tmp_path, capsys, model, message):
+    from cattune import cli as cattune_cli
+
+    config = {"name": "x", "tasks": [{"task": "STG_E", "train_limit": 8, "test_limit": 4}], "models": [model]}
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    assert cattune_cli.main(["experiment", str(tmp_path / "c.yaml"), "--dry-run"]) == 1
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--cat_loss", "foo"], "invalid choice: 'foo'"),
     (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
     (["--config", "BADCONFIG"], "cat_loss must be one of"),
 ])
-def test_train_option_errors_are_not_buried_under_the_usage(tmp_path, argv, message):
+def test_train_option_errors_are_not_buried_under_the_usage(tmp_path, capsys, argv, message):
+    from cattune import cli as cattune_cli
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("cat_loss: foo\n")
-    r = fails(cli("train", "--train", "x.jsonl", "--out", tmp_path / "o",
-                  *[str(bad) if a == "BADCONFIG" else a for a in argv]), message)
-    assert "usage:" not in r.stderr and len(r.stderr.splitlines()) == 2, r.stderr
+    with pytest.raises(SystemExit) as exit_:
+        cattune_cli.main(["train", "--train", "x.jsonl", "--out", str(tmp_path / "o"),
+                          *[str(bad) if a == "BADCONFIG" else a for a in argv]])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err
+    assert "usage:" not in err and len(err.splitlines()) == 2, err
 
 
 def test_experiment_max_runs_zero_writes_no_table_and_says_so(tmp_path):
@@ -222,9 +241,6 @@ def test_experiment_max_runs_zero_writes_no_table_and_says_so(tmp_path):
     ("train", {"max_steps": 2.5}, "max_steps must be an integer"),
     ("eval", {"batch_size": 0}, "eval.batch_size must be a positive integer"),
     ("eval", {"batch_size": "big"}, "eval.batch_size must be a positive integer"),
-    ("models", ["./no_such_model"], "./no_such_model: no such model directory"),  # not hours into a grid
-    ("models", ["builtin:nope"], "unknown built-in model builtin:nope"),
-    ("models", ["no_model.gguf"], "no_model.gguf: no such GGUF file"),
 ])
 def test_experiment_config_types_fail_before_any_run(tmp_path, field, value, message):
     import yaml
