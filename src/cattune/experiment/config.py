@@ -380,7 +380,9 @@ def _parse_config(data: dict, path: Path | None = None) -> ExperimentConfig:
         save_models=_save_models(data.get("save_models", False), f"{where}: save_models"),
         save_predictions=_flag(data.get("save_predictions", False), f"{where}: save_predictions"),
         threads=_positive_int(data.get("threads"), f"{where}: threads"),
-        checkpoint_minutes=_minutes(data.get("checkpoint_minutes", 10.0), f"{where}: checkpoint_minutes"), path=path,
+        checkpoint_minutes=_minutes(data.get("checkpoint_minutes", ExperimentConfig.checkpoint_minutes),
+                                    f"{where}: checkpoint_minutes"),
+        path=path,
     )
     _check_train_args(config, where)
     return config
