@@ -34,8 +34,12 @@ smollm2: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/cattune demo --out demo_out
 
+# One pytest worker per core (at most 4): the tests run torch on one thread each, so two
+# workers on CI's 2 cores take about half the time of one. --dist loadfile keeps a test
+# file in one worker, so a module's costly fixtures (the DDP run, SmolLM2) run once.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=10
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --durations=10
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py
