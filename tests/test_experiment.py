@@ -429,7 +429,10 @@ def test_parallel_failure_keeps_the_runs_that_finish(tmp_path):
     assert any("broken__baseline__seed0 failed" in m for m in messages)
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+# Killed mid-training, or after the last step's checkpoint (while the run is evaluating):
+# the resumed run trains the steps left, none in the second case, and ends the same.
+@pytest.mark.parametrize("killed_at", [3, 6])
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, killed_at):
     from cattune.experiment import runner
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
@@ -444,26 +447,26 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
                             checkpoint_minutes=1e-6))  # a checkpoint after every step
     timed = runner._checkpoint_callback
 
-    def killed_after_three_saves(minutes, before):
+    def killed_after_a_save(minutes, before):
         cb = timed(minutes, before)
         on_save = cb.on_save
 
         def save(args, state, control, **kw):
             on_save(args, state, control, **kw)
-            if state.global_step == 3:
+            if state.global_step == killed_at:
                 raise KeyboardInterrupt
         cb.on_save = save
         return cb
 
-    monkeypatch.setattr(runner, "_checkpoint_callback", killed_after_three_saves)
+    monkeypatch.setattr(runner, "_checkpoint_callback", killed_after_a_save)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, out=tmp_path / "b", log=lambda m: None)
     partial = tmp_path / "b" / ".E__tiny__cat__seed0.partial"
-    assert [d.name for d in partial.glob("checkpoint-*")] == ["checkpoint-3"]  # only the last is kept
+    assert [d.name for d in partial.glob("checkpoint-*")] == [f"checkpoint-{killed_at}"]  # only the last is kept
     monkeypatch.setattr(runner, "_checkpoint_callback", timed)
     assert run_experiment(cfg, out=tmp_path / "b", log=lambda m: None).complete
     a, b = lines(tmp_path / "a" / "results.jsonl")[0], lines(tmp_path / "b" / "results.jsonl")[0]
-    assert b["resumed_at_step"] == 3 and "resumed_at_step" not in a and b["steps"] == a["steps"] == 6
+    assert b["resumed_at_step"] == killed_at and "resumed_at_step" not in a and b["steps"] == a["steps"] == 6
     assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-4) and b["tests"] == a["tests"]
     history = json.loads((tmp_path / "b" / b["log"]).read_text())["log_history"]
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
