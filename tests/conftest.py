@@ -14,6 +14,16 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist each worker has one core's share (the Makefile starts one worker per
+# core): one torch thread here, and the same for the CLI subprocesses a test starts, which
+# inherit OMP_NUM_THREADS. Without it two workers run four threads on CI's two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 from cattune.records import load_records
 from cattune.tiny import train_tokenizer
 
