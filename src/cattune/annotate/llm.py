@@ -36,7 +36,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ..records import Annotation, Record
 from .prompt import build_messages
-from .replies import ReplyError, check_annotation, parse_reply, preview
+from .replies import NESTED_TOO_DEEPLY, ReplyError, check_annotation, dumps, parse_reply, preview
 from .secrets import PLACEHOLDER_KEY, Redactor
 
 # Endpoint answers that no retry can fix: a wrong key, model or URL. The run stops.
@@ -131,7 +131,10 @@ def _refuses_response_format(err: Exception) -> bool:
     text = getattr(err, "message", "") or ""
     body = getattr(err, "body", None)
     if body is not None:
-        text += " " + (body if isinstance(body, str) else json.dumps(body, default=str))
+        try:
+            text += " " + (body if isinstance(body, str) else dumps(body))
+        except ReplyError:  # an error body nested too deeply to be a refusal worth reading
+            pass
     return bool(_FORMAT_REFUSAL.search(text))
 
 
@@ -207,11 +210,11 @@ def _message_content(response: Any, redact: Callable[[str], str]) -> Any:
     if isinstance(response, str):  # the client hands back a non-JSON body (text/plain, HTML) as it is
         raise ReplyError(f"reply was not JSON: {preview(redact(response))}")
     if not hasattr(response, "choices"):  # JSON, but a list or a scalar
-        raise ReplyError(f"reply is not a chat completion: {preview(redact(json.dumps(response, default=str)))}")
+        raise ReplyError(f"reply is not a chat completion: {preview(redact(dumps(response)))}")
     choices = response.choices
     if not isinstance(choices, list) or not choices:
         shown = response.to_dict() if callable(getattr(response, "to_dict", None)) else response
-        raise ReplyError(f"reply has no choices: {preview(redact(json.dumps(shown, default=str)))}")
+        raise ReplyError(f"reply has no choices: {preview(redact(dumps(shown)))}")
     message = getattr(choices[0], "message", None)
     if message is None:
         raise ReplyError("reply has no message in its first choice")
@@ -221,7 +224,7 @@ def _message_content(response: Any, redact: Callable[[str], str]) -> Any:
     if isinstance(content, str):
         return redact(content)
     # Content parts or worse: redacted as JSON text, which a replaced secret keeps valid.
-    return json.loads(redact(json.dumps(content, default=str, ensure_ascii=False)))
+    return json.loads(redact(dumps(content)))
 
 
 class _Pause:
@@ -423,6 +426,8 @@ class LLMAnnotator:
                 # A 200 that says JSON but is not (a proxy's page, a cut body): this reply is
                 # bad, the endpoint may still be fine.
                 raise ReplyError(f"reply was not JSON ({e.msg}): {preview(self.redact(e.doc))}") from None
+            except RecursionError:  # a body of 100k nested brackets: the decoder gives up
+                raise ReplyError(f"reply {NESTED_TOO_DEEPLY}") from None
             else:
                 outcome.add_usage(getattr(response, "usage", None))
                 return _message_content(response, self.redact)

@@ -4,6 +4,11 @@ Each record is appended as soon as it is done (one flushed line, with its id in
 ``cat_id``), so a killed run, started again with the same command, skips what is
 already there, repairs a half-written last line and does the rest. When every record
 has been tried, the output is rewritten (atomically) in input order.
+
+A run that would drop finished lines (``--overwrite``, or ``--redo-empty`` with empty
+records to redo) appends to a work file beside the output instead (``.NAME.partial``)
+and replaces the output only when every record has been tried: until then the old
+output stays whole, and the same command resumes the work file.
 """
 
 from __future__ import annotations
@@ -69,6 +74,11 @@ def lock_path_for(output: str | os.PathLike) -> Path:
     return output.with_name(f".{output.name}.lock")
 
 
+def work_path_for(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    return output.with_name(f".{output.name}.partial")
+
+
 def check_paths(inputs: list[tuple[str, str | os.PathLike]], outputs: list[tuple[str, str | os.PathLike]]) -> None:
     """Refuse an output that is another path of the command, or that cannot be written.
 
@@ -98,6 +108,7 @@ class _Resume:
         self.tail_kept = False  # the unterminated last line was a whole record
         self.redo: int = 0  # empty annotations dropped for --redo-empty
         self.duplicates = 0
+        self.path: Path | None = None  # where this run appends: the output or its work file
 
 
 def _scan_output(path: Path, prompts: dict[Any, str], input_path: Path, redo_empty: bool) -> _Resume:
@@ -152,33 +163,68 @@ def _scan_output(path: Path, prompts: dict[Any, str], input_path: Path, redo_emp
     return state
 
 
-def rewrite_in_order(path: Path, order: list[Any]) -> tuple[int, int]:
-    """Rewrite the output in input order, one line per id; returns (records, empty ones)."""
+def rewrite_in_order(source: Path, order: list[Any], dest: Path | None = None) -> tuple[int, int]:
+    """Write ``source``'s lines in input order, one line per id, atomically to ``dest``
+    (default: ``source`` itself); returns (records, empty ones)."""
     by_id: dict[Any, str] = {}
     empty = 0
-    with path.open(encoding="utf-8") as f:
+    with source.open(encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 obj = json.loads(line)
                 if obj[ID_KEY] not in by_id:
                     by_id[obj[ID_KEY]] = line.rstrip("\n")
                     empty += not obj.get("important")
-    atomic_write_text(path, "".join(by_id[i] + "\n" for i in order if i in by_id))
+    atomic_write_text(dest or source, "".join(by_id[i] + "\n" for i in order if i in by_id))
     return len(by_id), empty
 
 
+def _write_lines(path: Path, ids: list[Any], done: dict[Any, str]) -> None:
+    order = {record_id: i for i, record_id in enumerate(ids)}
+    atomic_write_text(path, "".join(line + "\n" for _, line in sorted(done.items(), key=lambda kv: order[kv[0]])))
+
+
 def prepare_output(output_path: Path, input_path: Path, ids: list[Any], prompts: dict[Any, str],
-                    overwrite: bool, redo_empty: bool, log: Callable[[str], None]) -> _Resume:
-    """Start an empty output, or check an existing one and repair it for appending."""
-    if overwrite or not output_path.exists():
-        output_path.parent.mkdir(parents=True, exist_ok=True)
+                   overwrite: bool, redo_empty: bool, log: Callable[[str], None]) -> _Resume:
+    """Where this run appends (``_Resume.path``) and what is already done there.
+
+    An existing output is checked and repaired for appending; a run that would drop
+    finished lines from it works in ``work_path_for(output)`` instead (module docstring).
+    """
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    work = work_path_for(output_path)
+    if work.exists():
+        if overwrite or redo_empty:
+            try:
+                resume = _scan_output(work, prompts, input_path, redo_empty=False)
+            except RecordError as e:  # our own scratch file, from another input: start it again
+                log(f"{work}: not resumable ({e}); starting it again")
+            else:
+                if resume.done:
+                    log(f"resuming the unfinished run in {work}: {len(resume.done)} of {len(prompts)} records done; "
+                        f"{output_path} is replaced when it finishes")
+                _write_lines(work, ids, resume.done)
+                resume.path = work
+                return resume
+        else:
+            log(f"note: {work} holds an unfinished --overwrite or --redo-empty run; it is left as it is")
+    if overwrite:
+        atomic_write_text(work, "")
+        resume = _Resume()
+        resume.path = work
+        return resume
+    if not output_path.exists():
         output_path.write_text("", encoding="utf-8")
-        return _Resume()
+        resume = _Resume()
+        resume.path = output_path
+        return resume
     resume = _scan_output(output_path, prompts, input_path, redo_empty)
-    if resume.redo or resume.tail_kept:
-        order = {record_id: i for i, record_id in enumerate(ids)}
-        kept = sorted(resume.done.items(), key=lambda kv: order[kv[0]])
-        atomic_write_text(output_path, "".join(line + "\n" for _, line in kept))
+    resume.path = output_path
+    if resume.redo:  # the output keeps its empty records until they are redone
+        _write_lines(work, ids, resume.done)
+        resume.path = work
+    elif resume.tail_kept:
+        _write_lines(output_path, ids, resume.done)
     elif resume.keep_bytes < resume.size:
         os.truncate(output_path, resume.keep_bytes)
     if resume.keep_bytes < resume.size and not resume.tail_kept:
@@ -189,7 +235,6 @@ def prepare_output(output_path: Path, input_path: Path, ids: list[Any], prompts:
     if resume.done:
         log(f"resuming: {len(resume.done)} of {len(prompts)} records already in {output_path}")
     return resume
-
 
 
 class OutputLock:

@@ -23,6 +23,7 @@ from ..records import Annotation, Record, atomic_write_text
 from .llm import Outcome, RequestFailed, Stopped
 from .output import (
     OutputLock, assign_ids, check_paths, lock_path_for, output_line, prepare_output, report_path_for, rewrite_in_order,
+    work_path_for,
 )
 from .prompt import read_records
 from .replies import check_annotation
@@ -148,7 +149,8 @@ def annotate_file(
     input_path, output_path = Path(input_path), Path(output_path)
     report_path = Path(report_path) if report_path else report_path_for(output_path)
     check_paths([("--input", input_path)],
-                [("--output", output_path), ("--report", report_path), ("lock file", lock_path_for(output_path))])
+                [("--output", output_path), ("--report", report_path), ("lock file", lock_path_for(output_path)),
+                 ("work file", work_path_for(output_path))])
     if concurrency < 1:
         raise ValueError("--concurrency must be >= 1")
     redact: Callable[[str], str] = getattr(annotate, "redact", None) or (lambda text: text)
@@ -172,7 +174,7 @@ def annotate_file(
         tally = _Tally()
         finished = False
         try:
-            with output_path.open("a", encoding="utf-8") as out:
+            with resume.path.open("a", encoding="utf-8") as out:
 
                 def write(index: int, record: Record, annotation: Annotation, reason: str | None = None) -> None:
                     reason = redact(reason) if reason else reason
@@ -185,12 +187,16 @@ def annotate_file(
                 finished = _annotate_jobs(jobs, annotate, write, tally, concurrency, stop, progress, items)
         finally:
             if finished:
-                n_out, n_empty = rewrite_in_order(output_path, ids)
+                n_out, n_empty = rewrite_in_order(resume.path, ids, output_path)
+                if resume.path != output_path:
+                    resume.path.unlink()
             else:
                 n_out, n_empty = len(resume.done) + tally.annotated + tally.empty + tally.kept_existing, None
             report = {
                 "input": str(input_path),
                 "output": str(output_path),
+                # Stopped early with --overwrite or --redo-empty: the output is untouched, this run's records are here.
+                **({"partial_output": str(resume.path)} if not finished and resume.path != output_path else {}),
                 **(settings or {}),
                 "records": len(items),
                 "already_done": len(resume.done),

@@ -8,6 +8,7 @@ the same ``find_occurrences`` as ``cattune.masks``.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,7 +27,25 @@ class ReplyError(ValueError):
 
 
 _FENCE = re.compile(r"```[\w+-]*[ \t]*\n?(.*?)```", re.S)
-_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_THINK_OPEN = re.compile(r"<think>", re.I)
+_THINK_CLOSE = re.compile(r"</think>", re.I)
+# Openings tried when text surrounds the JSON: each try may read to the end of the reply.
+_MAX_STARTS = 200
+
+
+def strip_think(text: str) -> str:
+    """``text`` without its ``<think>...</think>`` blocks, in one pass.
+
+    A regex ``<think>.*?</think>`` scans to the end of the text from every unclosed
+    ``<think>``: 280 KB of them took 42 s. Once an opening has no closing after it, no
+    later one has either, so the search stops there.
+    """
+    kept, pos = [], 0
+    while (opening := _THINK_OPEN.search(text, pos)) and (closing := _THINK_CLOSE.search(text, opening.end())):
+        kept.append(text[pos:opening.start()])
+        pos = closing.end()
+    kept.append(text[pos:])
+    return "".join(kept)
 
 
 def _raw_pairs(obj: Any) -> list[tuple[Any, Any]] | None:
@@ -47,6 +66,18 @@ def preview(text: Any) -> str:
     return repr(str(text).strip()[:80])
 
 
+NESTED_TOO_DEEPLY = "nested too deeply to read"
+
+
+def dumps(obj: Any) -> str:
+    """JSON text of what a server sent, for a message; ``ReplyError`` when it nests so
+    deeply that encoding it would exhaust the stack."""
+    try:
+        return json.dumps(obj, default=str, ensure_ascii=False)
+    except RecursionError:
+        raise ReplyError(f"reply {NESTED_TOO_DEEPLY}") from None
+
+
 def reply_text(content: Any) -> str | None:
     """The text of a message's ``content``: a string, or the text parts of a list of parts.
 
@@ -59,9 +90,9 @@ def reply_text(content: Any) -> str | None:
         texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
         texts = [text for text in texts if isinstance(text, str)]
         if not texts:
-            raise ReplyError(f"message content has no text part: {preview(json.dumps(content, default=str))}")
+            raise ReplyError(f"message content has no text part: {preview(dumps(content))}")
         return "".join(texts)
-    shown = json.dumps(content, default=str)
+    shown = dumps(content)
     raise ReplyError(f"message content is {type(content).__name__}, not text: {preview(shown)}")
 
 
@@ -76,28 +107,32 @@ def parse_reply(text: str | list | None) -> list[tuple[Any, Any]]:
     text = reply_text(text)
     if text is None or not text.strip():
         raise ReplyError("empty reply")
-    text = _THINK.sub("", text)
+    text = strip_think(text)
     candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
     decoder = json.JSONDecoder()
     for candidate in candidates:
         candidate = candidate.strip()
-        try:
-            pairs = _raw_pairs(json.loads(candidate))
-        except json.JSONDecodeError:
-            pairs = None
-        if pairs is not None:
+        if (pairs := _decode(decoder, candidate, None)) is not None:
             return pairs
         # Text around the JSON: try each opening bracket until one decodes to a known shape.
-        starts = [i for i, c in enumerate(candidate) if c in "{["][:200]
-        for i in starts:
-            try:
-                obj, _ = decoder.raw_decode(candidate, i)
-            except json.JSONDecodeError:
-                continue
-            pairs = _raw_pairs(obj)
-            if pairs is not None:
+        starts = (m.start() for m in re.finditer(r"[{\[]", candidate))
+        for _, i in zip(range(_MAX_STARTS), starts):
+            if (pairs := _decode(decoder, candidate, i)) is not None:
                 return pairs
     raise ReplyError(f"no JSON object in the reply: {text.strip()[:80]!r}")
+
+
+def _decode(decoder: json.JSONDecoder, text: str, start: int | None) -> list[tuple[Any, Any]] | None:
+    """The pairs of the JSON at ``start`` (None: all of ``text``), or None if it is none.
+
+    JSON nested deeper than Python's recursion limit (``[[[[...``) is no annotation:
+    the decoder's ``RecursionError`` is this reply's failure, not the run's.
+    """
+    try:
+        obj = json.loads(text) if start is None else decoder.raw_decode(text, start)[0]
+        return _raw_pairs(obj)
+    except (json.JSONDecodeError, RecursionError):
+        return None
 
 
 # --------------------------------------------------------------------------- validation
@@ -121,6 +156,16 @@ def _as_text(x: Any) -> str | None:
         return scalar_text(x)
     except TypeError:  # a boolean, a list, an object: not a span of the text
         return None
+
+
+def _shown(value: Any) -> str:
+    """A value of the reply as a message shows it (a string as it is, anything else as JSON)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return dumps(value)
+    except ReplyError:
+        return NESTED_TOO_DEEPLY
 
 
 def _locate(text: str, span: str) -> tuple[str, list[tuple[int, int]]] | None:
@@ -154,19 +199,22 @@ def check_annotation(record: Record, pairs: list[tuple[Any, Any]], dedupe: bool 
     is False (rules list one value per matched item, even when two items print alike).
     """
     text = record.text
+    # A reply may repeat one span 100k times: each distinct span is looked up once.
+    locate = functools.lru_cache(maxsize=None)(lambda span: _locate(text, span))
     merged: dict[str, list[str]] = {}
+    seen: set[tuple[str, str]] = set()  # (key, value) kept: a list lookup would be quadratic
     checked = Checked(kept=[])
     for raw_key, raw_values in pairs:
         values = raw_values if isinstance(raw_values, list) else [raw_values]
         key = _as_text(raw_key)
-        shown_values = [v if isinstance(v, str) else json.dumps(v) for v in values] or [""]
+        shown_values = [_shown(v) for v in values] or [""]
         if key is None:
-            checked.dropped += [(json.dumps(raw_key), v, NOT_A_STRING) for v in shown_values]
+            checked.dropped += [(_shown(raw_key), v, NOT_A_STRING) for v in shown_values]
             continue
         if not values:
             checked.dropped.append((key, "", NO_VALUES))
             continue
-        found_key = _locate(text, key)
+        found_key = locate(key)
         if found_key is None:
             checked.dropped += [(key, v, KEY_NOT_FOUND) for v in shown_values]
             continue
@@ -179,7 +227,7 @@ def check_annotation(record: Record, pairs: list[tuple[Any, Any]], dedupe: bool 
             if value is None:
                 checked.dropped.append((key, shown, NOT_A_STRING))
                 continue
-            found = _locate(text, value)
+            found = locate(value)
             if found is None:
                 checked.dropped.append((key, value, VALUE_NOT_FOUND))
                 continue
@@ -189,9 +237,9 @@ def check_annotation(record: Record, pairs: list[tuple[Any, Any]], dedupe: bool 
                 continue
             if spelling != value:
                 checked.repaired += 1
-            bucket = merged.setdefault(key, [])
-            if not dedupe or spelling not in bucket:
-                bucket.append(spelling)
+            if not dedupe or (key, spelling) not in seen:
+                merged.setdefault(key, []).append(spelling)
+                seen.add((key, spelling))
     checked.kept = [(k, vs) for k, vs in merged.items() if vs]
     return checked
 

@@ -22,7 +22,7 @@ import sys
 from typing import Any, Callable
 
 from ..annotate.llm import STRUCTURED_MODES, EndpointError, LLMAnnotator, Outcome, make_client
-from ..annotate.output import check_paths, lock_path_for, report_path_for
+from ..annotate.output import check_paths, lock_path_for, report_path_for, work_path_for
 from ..annotate.pipeline import annotate_file, check_alignment, rules_annotator
 from ..annotate.prompt import load_demos, load_instructions, read_records
 from ..annotate.secrets import Redactor
@@ -268,7 +268,8 @@ def _run(args, redact: Redactor) -> int:
             if path and not str(path).startswith("builtin:")
         ]
         report = args.report or report_path_for(args.output)
-        outputs = [("--output", args.output), ("--report", report), ("lock file", lock_path_for(args.output))]
+        outputs = [("--output", args.output), ("--report", report), ("lock file", lock_path_for(args.output)),
+                   ("work file", work_path_for(args.output))]
         check_paths(inputs, outputs)
 
     # Everything is read and checked before the output is touched.

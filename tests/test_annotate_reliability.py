@@ -1,0 +1,119 @@
+"""``cattune annotate`` under issue 34's probe: no lost output, no leaked credential,
+bounded parsing, one line for every mistake.
+
+The endpoint is the scripted server of ``test_annotate_hostile`` (a real HTTP server on
+127.0.0.1, reached through the ``openai`` client).
+"""
+
+import json
+import time
+
+import pytest
+
+from test_annotate import make_records, read_jsonl, write_jsonl
+from test_annotate_hostile import KEY, as_json, cattune, closed_port, completion, hostile, in_process, llm, one_line_error  # noqa: F401
+
+from cattune.annotate.replies import ReplyError, parse_reply
+from cattune.annotate.secrets import Redactor
+
+# --------------------------------------------------------------------------- 6: --overwrite
+
+
+def test_overwrite_keeps_the_finished_output_until_the_new_one_is_done(hostile, in_process, tmp_path):
+    records, answers = make_records(4)
+    server = hostile(answers)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    assert in_process(*llm(server.url, inp, out))[0] == 0
+    finished = out.read_bytes()
+
+    # Nothing listens any more: the run fails, the finished output stays as it was.
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    code, _, err, _ = in_process(*llm(url, inp, out, "--overwrite"))
+    assert code == 1 and "cannot connect" in one_line_error(err)
+    assert out.read_bytes() == finished
+
+    # Two records done, then the endpoint fails: the old output is still whole, and the
+    # same command resumes the new run's two records and replaces the output at the end.
+    prompts = [r["input"] for r in records]
+    server = hostile({p: {k: v[:1] for k, v in a.items()} for p, a in answers.items()},
+                     {p: [lambda request: as_json(401, {"error": {"message": "no"}})] for p in prompts[2:]})
+    code, _, err, _ = in_process(*llm(server.url, inp, out, "--overwrite", "--concurrency", "1"))
+    assert code == 1 and "HTTP 401" in one_line_error(err)
+    assert out.read_bytes() == finished
+    server.script.clear()
+    assert in_process(*llm(server.url, inp, out, "--overwrite", "--concurrency", "1"))[0] == 0
+    assert server.requests[prompts[0]] == server.requests[prompts[1]] == 1  # not asked again
+    lines = read_jsonl(out)
+    assert [line["cat_id"] for line in lines] == [0, 1, 2, 3]
+    assert all(len(next(iter(o.values()))) == 1 for line in lines for o in line["important"])  # the new annotations
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.report.json"]
+
+
+def test_redo_empty_keeps_the_empty_records_until_they_are_redone(hostile, in_process, tmp_path):
+    records, answers = make_records(3)
+    prompts = [r["input"] for r in records]
+    server = hostile(answers, {prompts[1]: [lambda request: as_json(200, completion("no idea"))] * 3})
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    assert in_process(*llm(server.url, inp, out))[0] == 0
+    finished = out.read_bytes()
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    assert in_process(*llm(url, inp, out, "--redo-empty"))[0] == 1
+    assert out.read_bytes() == finished  # the empty record is still there, with its reason
+    assert in_process(*llm(server.url, inp, out, "--redo-empty"))[0] == 0
+    assert all("important" in line for line in read_jsonl(out))
+
+
+# --------------------------------------------------------------------------- 7, 11: replies parsed in bounded time
+
+
+def nested_content(depth):
+    text = json.dumps(completion("X"))
+    return 200, "application/json", text.replace('"X"', "[" * depth + "]" * depth).encode()
+
+
+def test_deeply_nested_replies_are_one_records_failure(hostile, in_process, tmp_path):
+    records, answers = make_records(4)
+    prompts = [r["input"] for r in records]
+    deep = "[" * 100_000
+    server = hostile(answers, {
+        prompts[0]: [lambda request: as_json(200, completion(deep))] * 3,  # in the content
+        prompts[1]: [lambda request: (200, "application/json", deep.encode())] * 3,  # the HTTP body itself
+        prompts[2]: [lambda request: nested_content(990)] * 3,  # content that the client can read, but not text
+    })
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    code, _, err, _ = in_process(*llm(server.url, inp, out, "--concurrency", "1"))
+    assert code == 0, err
+    lines = read_jsonl(out)
+    assert [line["cat_id"] for line in lines] == [0, 1, 2, 3]
+    assert "unparseable reply" in lines[0]["cat_empty_reason"]
+    assert "nested too deeply" in lines[1]["cat_empty_reason"]
+    assert "unparseable reply" in lines[2]["cat_empty_reason"]
+    assert "important" in lines[3]
+
+
+def test_think_blocks_are_stripped_in_linear_time():
+    from cattune.annotate.replies import strip_think
+
+    # A regex took 42 s for 280 KB of unclosed <think> tags (quadratic).
+    started = time.monotonic()
+    with pytest.raises(ReplyError):
+        parse_reply("<think>" * 40_000)
+    assert time.monotonic() - started < 2
+    assert strip_think("a<think>x</THINK>b<Think>y</think>c<think>open") == "abc<think>open"
+    assert strip_think("<think>a<think>b</think>c</think>d") == "c</think>d"  # as the non-greedy regex did
+    assert parse_reply('<think>{"x": ["y"]}</think>{"17": ["12 shells"]}') == [("17", ["12 shells"])]
+
+
+def test_a_reply_of_200k_repeated_pairs_is_checked_in_bounded_time():
+    from cattune.annotate.replies import check_annotation
+    from cattune.records import Record
+
+    record = Record(prompt="Ann has 12 apples and 3 pears. " * 20 + "How many? Answer: ", target="15")
+    reply = json.dumps({"15": ["12 apples", "3 pears", "Ann"] * 60_000, "How many": ["12 apples"] * 60_000})
+    started = time.monotonic()
+    checked = check_annotation(record, parse_reply(reply))
+    assert time.monotonic() - started < 3
+    assert checked.kept == [("15", ["12 apples", "3 pears", "Ann"]), ("How many", ["12 apples"])]
