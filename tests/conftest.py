@@ -9,7 +9,6 @@ with the full released files take the ``release_dir`` fixture and are skipped wi
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,30 +24,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 from cattune.records import load_records
+from cattune.sources import find_data_dir as find_shared_data
 from cattune.tiny import train_tokenizer
 
 
 def find_data_dir() -> Path:
-    """The paper's data: $CATTUNE_SHARED_DATA, else shared/data beside the checkout (CI
-    clones the repository next to shared/), else beside the repository this one was
-    cloned from (a fresh clone of a local checkout, e.g. in /tmp)."""
-    if os.environ.get("CATTUNE_SHARED_DATA"):
-        return Path(os.environ["CATTUNE_SHARED_DATA"])
-    repo = Path(__file__).resolve().parents[1]
-    beside = repo.parent / "shared" / "data"
-    if beside.is_dir():
-        return beside
-    try:
-        origin = subprocess.run(["git", "-C", str(repo), "remote", "get-url", "origin"],
-                                capture_output=True, text=True).stdout.strip()
-    except OSError:  # no git
-        origin = ""
-    origin = origin.removeprefix("file://")
-    if origin and (repo / origin).is_dir():  # a relative origin is relative to the clone
-        candidate = (repo / origin).resolve().parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    return beside
+    """The paper's data, where cattune's downstream tasks find it (cattune.sources):
+    $CATTUNE_SHARED_DATA, else shared/data beside the checkout (CI clones the repository
+    next to shared/), else beside the repository this one was cloned from."""
+    return find_shared_data() or Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 RELEASE_DIR = find_data_dir()

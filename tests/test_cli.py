@@ -227,3 +227,19 @@ def test_a_malformed_reference_block_is_a_config_error():
 def test_demo_rejects_zero_jobs(tmp_path):
     r = cli("demo", "--out", str(tmp_path), "--jobs", "0")
     assert r.returncode != 0 and "--jobs must be at least 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_takes_task_split_with_the_tasks_checker(tmp_path):
+    r = cli("stg", "--variant", "E", "--out", str(tmp_path / "stg"))
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join((tmp_path / "stg" / "train_S.jsonl").read_text().splitlines()[:16]) + "\n")
+    out = tmp_path / "model"
+    assert main(["train", "--train", str(small), "--out", str(out), "--max_steps", "1", "--report_to", "none",
+                 "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true"]) == 0
+    # STG_H's answers are numbers: its task checks them with the numeric checker
+    r = cli("eval", "--model", str(out), "--data", "STG_H:ood_test", "--out", str(tmp_path / "h.json"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "h.json").read_text())["results"]["STG_H:ood_test"]
+    assert res["checker"] == "numeric" and res["n"] == 1000 and "abs_error" in res
+    r = cli("eval", "--model", str(out), "--data", "STG_H:nope", "--out", str(tmp_path / "x.json"))
+    assert r.returncode != 0 and "no split 'nope'" in r.stderr and "Traceback" not in r.stderr

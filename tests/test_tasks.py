@@ -107,10 +107,12 @@ def test_svamp_from_shared_files(release_dir):
     assert len(train) == 600 and len(test) == 200
     assert sum(bool(r.important) for r in train) >= 590 and train[0].prompt.endswith("Answer: ")
     assert train[0].target == "80.0" and t.check("80", train[0].target)
-    assert t.checker == "numeric" and tasks.get_task("SVAMP").kind == "hub"  # the registry is unchanged
+    assert t.checker == "numeric" and tasks.get_task("SVAMP").kind == "release"  # the registry is unchanged
 
 
-def test_hub_task_offline_gives_clear_error(monkeypatch):
+def test_hub_task_offline_gives_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CATTUNE_SHARED_DATA", str(tmp_path))  # no release here: the hub is the fallback
+
     def offline(name, config, split):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
 
@@ -126,7 +128,8 @@ def test_hub_task_offline_gives_clear_error(monkeypatch):
         t.load("test")
 
 
-def test_hub_row_mapping_for_each_builtin(monkeypatch):
+def test_hub_row_mapping_for_each_builtin(monkeypatch, tmp_path):
+    monkeypatch.setenv("CATTUNE_SHARED_DATA", str(tmp_path))  # no release here: the hub is the fallback
     rows = {
         "openai/gsm8k": {"question": "Natalia sold 48 clips. How many?", "answer": "48/2 = 24\n#### 72"},
         "ChilleD/SVAMP": {"Body": "Randy has 58 blocks.", "Question": "How many blocks", "Answer": 80.0},
@@ -139,13 +142,13 @@ def test_hub_row_mapping_for_each_builtin(monkeypatch):
     seen = []
     monkeypatch.setattr(sources, "_hub_load_dataset", lambda n, c, s: (seen.append((n, c, s)), [rows[n]])[1])
     gsm = tasks.get_task("GSM8K").load("test")[0]
-    assert gsm.prompt == "Natalia sold 48 clips. How many?\nAnswer: " and gsm.target.endswith("#### 72")
+    assert gsm.prompt == "Natalia sold 48 clips. How many? Answer: " and gsm.target.endswith("#### 72")
     sv = tasks.get_task("SVAMP").load("train")[0]
     assert (sv.prompt, sv.target) == ("Randy has 58 blocks.. How many blocks. Answer: ", "80.0")
     assert tasks.get_task("MAWPS").load("test")[0].target == "43"
     assert tasks.get_task("ASDiv").load("train")[0].target == "12"
     arc = tasks.get_task("ARC-E").load("test")[0]
-    assert arc.prompt == "Question: Which is a metal?\nA. wood\nB. iron\nC. glass\nAnswer: " and arc.target == "B"
+    assert arc.prompt == "Which is a metal?\nA. wood\nB. iron\nC. glass\nAnswer: " and arc.target == "B"
     assert ("EleutherAI/asdiv", "asdiv", "validation[:80%]") in seen and ("openai/gsm8k", "main", "test") in seen
 
 

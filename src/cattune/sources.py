@@ -2,17 +2,26 @@
 
 A source is one of: the Spurious Token Game generator (``{"stg": "E"}``), local JSONL
 files (``{"files": {SPLIT: PATH}}``: rows in the paper's format as they are, other rows
-through the source's mapping), or a Hugging Face ``datasets`` name/config with a field
-mapping (``{"hub": "openai/gsm8k", "config": "main", ...}``). ``cattune.tasks.Task.load``
-picks the loader.
+through the source's mapping), the CAT release's downstream files found on this machine
+(``{"release": {SPLIT: "MAWPS/mawps_train.jsonl"}, "fallback": HUB SOURCE}``), or a
+Hugging Face ``datasets`` name/config with a field mapping (``{"hub": "openai/gsm8k",
+"config": "main", ...}``). ``cattune.tasks.Task.load`` picks the loader.
+
+The release's data directory is, in this order: ``$CATTUNE_SHARED_DATA`` (the folder
+holding ``cat_release/``, or ``cat_release/`` itself), ``shared/data`` beside the checkout
+cattune runs from, or beside the repository that checkout was cloned from.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import logging
 import math
+import os
 import string
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +29,12 @@ from .evaluate import _NUMBER, final_answer
 from .records import Record, iter_json_lines, normalize_important, record_from_json
 from .text import scalar_text
 
-SOURCE_KINDS = ("stg", "files", "hub")
+SOURCE_KINDS = ("stg", "files", "release", "hub")
+RELEASE_FOLDER = "cat_release"  # the CAT release's downstream files, inside the shared data directory
+DATA_ENV = "CATTUNE_SHARED_DATA"
 TARGET_TRANSFORMS = ("none", "final_answer", "number", "choice_letter", "strip")
 LETTERS = "ABCDEFGHIJ"
+logger = logging.getLogger(__name__)
 
 
 class TaskError(ValueError):
@@ -112,15 +124,52 @@ def _jsonable(v: Any) -> bool:
 # --------------------------------------------------------------------------- loaders
 
 
-def load_file(path: Path, source: dict, task: str) -> list[Record]:
+def move_answer_prefix(record: Record, prefix: str) -> Record:
+    """A target written "Answer: 84.0" (MAWPS in the release) becomes the prompt's end:
+    prompt "... Answer: ", target "84.0", the format of the task's other files. The
+    record's text only gains a space, so its annotations ("Answer", "84.0") still align."""
+    if prefix and record.target.startswith(prefix) and record.target[len(prefix):].strip():
+        sep = "" if not record.prompt or record.prompt[-1].isspace() else " "
+        record.prompt = record.prompt + sep + prefix
+        record.target = record.target[len(prefix):]
+        record.target_json = None
+    return record
+
+
+def release_annotation(row: dict, dropped: list[int]) -> dict:
+    """A release row's ``important`` in the format's shape: the release's few objects with
+    several keys (30 of MAWPS's ~10,000) split into one-key objects, and an entry whose
+    values are not text (one GSM8K record nests a whole annotation) left out and counted."""
+    raw = row.get("important")
+    if not isinstance(raw, list):
+        return row  # not the release's shape: the record check says what is wrong
+    fixed = []
+    for obj in raw:
+        for key, values in (obj.items() if isinstance(obj, dict) else ()):
+            if isinstance(values, str) or (isinstance(values, list) and all(isinstance(v, str) for v in values)):
+                fixed.append({key: values})
+            else:
+                dropped.append(1)
+        if not isinstance(obj, dict):
+            return row
+    return {**row, "important": fixed}
+
+
+def load_file(path: Path, source: dict, task: str, release: bool = False) -> list[Record]:
     """A JSONL file: rows in the paper's format (``input``/``target``) are read as they
-    are; other rows go through the source's ``input`` template and ``target`` field."""
+    are; other rows go through the source's ``input`` template and ``target`` field.
+    A source's ``answer_prefix`` moves from the start of a target to the prompt's end;
+    a file of the CAT release has its annotations put in shape (``release_annotation``)."""
     if not path.is_file():
         raise FileNotFoundError(f"task {task}: {path}: no such file")
+    prefix = source.get("answer_prefix", "")
+    dropped: list[int] = []
 
     def parse(row) -> Record:
+        if release and isinstance(row, dict):
+            row = release_annotation(row, dropped)
         if isinstance(row, dict) and "input" in row and "target" in row:
-            return record_from_json(row)
+            return move_answer_prefix(record_from_json(row), prefix)
         if "input" not in source:
             raise ValueError("not in the paper's format (fields 'input' and 'target'), and the task's "
                              "source has no 'input' template to map other fields")
@@ -128,7 +177,72 @@ def load_file(path: Path, source: dict, task: str) -> list[Record]:
             raise ValueError(f"expected a JSON object, got {type(row).__name__}")
         return map_row(row, source)
 
-    return [record for _, record in iter_json_lines(path, parse)]
+    records = [record for _, record in iter_json_lines(path, parse)]
+    if dropped:
+        logger.info("%s: left out %d annotation entr%s whose values are not text", path, len(dropped),
+                    "y" if len(dropped) == 1 else "ies")
+    return records
+
+
+def find_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The shared data directory (the one holding ``cat_release/``), or None.
+
+    ``explicit``, else ``$CATTUNE_SHARED_DATA``, else ``shared/data`` beside the checkout
+    this package runs from (an editable install; CI clones the repository next to
+    ``shared/``), else beside the repository that checkout was cloned from. A folder named
+    that is ``cat_release/`` itself is taken as its parent."""
+    named = explicit if explicit is not None else os.environ.get(DATA_ENV)
+    if named:
+        path = Path(named).expanduser()
+        return path.parent if path.name == RELEASE_FOLDER else path
+    return _checkout_data_dir()
+
+
+@functools.lru_cache(maxsize=1)
+def _checkout_data_dir() -> Path | None:
+    repo = Path(__file__).resolve().parents[2]  # src/cattune/sources.py -> the checkout
+    if not (repo / "pyproject.toml").is_file():  # installed from a wheel: no checkout
+        return None
+    beside = repo.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    try:  # a clone of a local checkout (e.g. in /tmp): shared/ is beside its origin
+        origin = subprocess.run(["git", "-C", str(repo), "remote", "get-url", "origin"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    origin = origin.removeprefix("file://")
+    if origin and (repo / origin).is_dir():  # a relative origin is relative to the clone
+        candidate = (repo / origin).resolve().parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def release_file(relative: str) -> Path | None:
+    """A file of the CAT release (``MAWPS/mawps_train.jsonl``) on this machine, or None."""
+    root = find_data_dir()
+    path = root / RELEASE_FOLDER / relative if root is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def load_release(src: dict, task: str, split: str) -> list[Record] | None:
+    """One split from the release's files when they are on this machine; None when they
+    are not (the caller then falls back to the hub)."""
+    files = src["release"]
+    if split not in files:
+        return None
+    path = release_file(files[split])
+    if path is None:
+        return None
+    return load_file(path, src, task, release=True)
+
+
+def release_missing(task: str, relative: str) -> TaskError:
+    root = find_data_dir()
+    where = root / RELEASE_FOLDER if root is not None else f"shared/data/{RELEASE_FOLDER} beside the checkout"
+    return TaskError(f"task {task}: {relative} of the CAT release is not at {where}, and the hub has no such "
+                     f"split: set {DATA_ENV} to the folder holding {RELEASE_FOLDER}/")
 
 
 def _hub_load_dataset(name: str, config: str | None, split: str):

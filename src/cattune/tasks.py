@@ -14,8 +14,15 @@ A :class:`Task` bundles
   (:func:`cattune.experiment.arms.placebo_records`): which spans may stand in for the
   causal ones.
 
-Built in: STG_E, STG_H (generated), SVAMP, GSM8K, MAWPS, ASDiv, ARC-E (hub-based: they
-need network at run time, or local files given with ``files``). Add a task from a
+Built in: STG_E, STG_H (generated); MAWPS, SVAMP, ARC-E, GSM8K (the CAT release's files
+when they are on this machine, ``cattune.sources.find_data_dir``, else the hub); ASDiv
+(hub only: network at run time, or local files given with ``files``). The downstream
+tasks share one format: the prompt ends with "Answer: ", the target is the bare answer.
+Their splits: ``train``, ``val``, ``test`` and, for MAWPS and SVAMP, ``ood``: the other
+data set in this one's format, the out-of-distribution test of a model trained on this
+one (MAWPS:ood is all of SVAMP; SVAMP:ood all of MAWPS), and ``ood_val``, the other data
+set's validation split, for choosing settings (MAWPS:ood_val is svamp_val, 200 of
+MAWPS:ood's 1000 records; SVAMP:ood_val is mawps_val). Add a task from a
 YAML/JSON file with :func:`load_task_file` (or ``task_files:`` in an experiment
 config); the format is documented in docs/experiments.md::
 
@@ -48,7 +55,7 @@ from typing import Callable
 from .evaluate import CHECKERS
 from .records import Record, load_config_file
 from .sources import (DEFAULT_HUB_SPLITS, SOURCE_KINDS, TARGET_TRANSFORMS, TaskError, load_file, load_hub,
-                      stg_split, stg_split_sizes)
+                      load_release, release_missing, stg_split, stg_split_sizes)
 
 
 # --------------------------------------------------------------------------- the task
@@ -82,6 +89,8 @@ class Task:
         transform = self.source.get("target_transform", "none")
         if transform not in TARGET_TRANSFORMS:
             raise TaskError(f"task {self.name}: target_transform must be one of {TARGET_TRANSFORMS}, got {transform!r}")
+        if self.kind == "release" and "fallback" in self.source:
+            replace(self, source=self.source["fallback"])  # checks the hub source too
         if self.kind == "hub" and "input" not in self.source:
             raise TaskError(f"task {self.name}: a hub source needs an 'input' template (e.g. '{{question}} Answer: ')")
         self.test_splits = tuple(self.test_splits)
@@ -122,9 +131,9 @@ class Task:
         source = self.source
         if self.kind == "stg":
             return set(stg_split_sizes(source["stg"]))
-        if self.kind == "files":
+        if self.kind in ("files", "release"):
             fallback = replace(self, source=source["fallback"]).splits() if "fallback" in source else set()
-            return set(source["files"]) | fallback
+            return set(source[self.kind]) | fallback
         return set(source.get("splits", DEFAULT_HUB_SPLITS))
 
     def with_files(self, files: dict[str, str], base_dir: str | os.PathLike | None = None) -> "Task":
@@ -134,7 +143,8 @@ class Task:
         base = Path(base_dir) if base_dir is not None else None
         resolved = {k: str(base / v) if base is not None and not Path(v).is_absolute() else str(v)
                     for k, v in files.items()}
-        src = {k: v for k, v in self.source.items() if k in ("input", "target", "target_transform", "choices_field")}
+        src = {k: v for k, v in self.source.items()
+               if k in ("input", "target", "target_transform", "choices_field", "answer_prefix")}
         src["files"] = resolved
         src["fallback"] = copy.deepcopy(self.source)
         return replace(self, source=src)
@@ -151,6 +161,15 @@ class Task:
                 return replace(self, source=self.source["fallback"]).load(split, limit)
             else:
                 raise TaskError(f"task {self.name}: no file for split {split!r}; files given for {sorted(files)}")
+        elif self.kind == "release":
+            records = load_release(self.source, self.name, split)
+            if records is None:  # not on this machine: the hub's copy, where it has the split
+                fallback = self.source.get("fallback")
+                if fallback is not None and split in replace(self, source=fallback).splits():
+                    return replace(self, source=fallback).load(split, limit)
+                if split not in self.source["release"]:
+                    raise TaskError(f"task {self.name}: unknown split {split!r}; splits: {sorted(self.splits())}")
+                raise release_missing(self.name, self.source["release"][split])
         else:
             records = load_hub(self.source, self.name, split)
         if limit is not None:
@@ -163,6 +182,23 @@ class Task:
         split = self.source.get("tokenizer_split", self.train_split)
         return [r.text for r in self.load(split)]
 
+
+
+# --------------------------------------------------------------------------- data options
+
+
+def load_data(spec: str, on_error: str = "raise") -> tuple[list[Record], Task | None]:
+    """The records a ``--data`` option names: a JSONL file, or TASK:SPLIT from the task
+    registry (``MAWPS:test``, ``STG_E:ood_test``), with that task (for its checker)."""
+    from .records import load_records
+
+    if Path(spec).exists() or ":" not in spec:
+        return load_records(spec, on_error=on_error), None
+    name, split = spec.rsplit(":", 1)
+    task = get_task(name)
+    if split not in task.splits():
+        raise TaskError(f"--data {spec}: task {task.name} has no split {split!r}; splits: {sorted(task.splits())}")
+    return task.load(split), task
 
 
 # --------------------------------------------------------------------------- registry
@@ -281,33 +317,51 @@ def _builtin() -> None:
         placebo={"prefer": stg.H_IRRELEVANT_VALUES,
                  "exclude": [rf"{re.escape(n)}: -?\d+(?:\.\d+)?%?" for n in h_items]},
     ), overwrite=True)
-    math_kw = dict(checker="numeric", instructions="builtin:math", demos="builtin:math")
+    # The downstream tasks: the CAT release's files first (record for record, annotated
+    # train/val), the hub otherwise. One format: the prompt ends "Answer: ", the target is
+    # the bare answer (MAWPS's "Answer: 84.0" targets lose their prefix to the prompt).
+    math_kw = dict(checker="numeric", instructions="builtin:math", demos="builtin:math", test_splits=("test", "ood"))
     register_task(Task(
-        name="SVAMP", description="SVAMP arithmetic word problems (paper format: Body. Question. Answer: )",
-        source={"hub": "ChilleD/SVAMP", "splits": {"train": "train", "test": "test"},
-                "input": "{Body}. {Question}. Answer: ", "target": "Answer"}, **math_kw), overwrite=True)
-    register_task(Task(
-        name="GSM8K", description="GSM8K grade-school math; the target is the worked answer ending '#### N'",
-        source={"hub": "openai/gsm8k", "config": "main", "splits": {"train": "train", "test": "test"},
-                "input": "{question}\nAnswer: ", "target": "answer"},
-        checker="gsm8k", instructions="builtin:math", demos="builtin:math"), overwrite=True)
-    register_task(Task(
-        name="MAWPS", description="MAWPS math word problems (the Calc-X copy: question, result)",
-        source={"hub": "MU-NLPC/Calc-mawps", "splits": {"train": "train", "test": "test"},
-                "input": "{question} Answer: ", "target": "result", "target_transform": "number"},
+        name="MAWPS", description="MAWPS math word problems; OOD: SVAMP (all 1000 records, made to defeat "
+        "the shallow cues MAWPS-style training teaches)",
+        source={"release": {"train": "MAWPS/mawps_train.jsonl", "val": "MAWPS/mawps_val.jsonl",
+                            "test": "MAWPS/mawps_test.jsonl", "ood": "SVAMP/svamp_ood.jsonl",
+                            "ood_val": "SVAMP/svamp_val.jsonl"},
+                "answer_prefix": "Answer: ",
+                "fallback": {"hub": "MU-NLPC/Calc-mawps", "splits": {"train": "train", "test": "test"},
+                             "input": "{question} Answer: ", "target": "result", "target_transform": "number"}},
         **math_kw), overwrite=True)
     register_task(Task(
-        name="ASDiv", description="ASDiv word problems (one hub split, cut 80/20 into train/test)",
+        name="SVAMP", description="SVAMP arithmetic word problems (Body. Question. Answer: ); OOD: MAWPS "
+        "(all 2065 records, in SVAMP's format)",
+        source={"release": {"train": "SVAMP/svamp_train.jsonl", "val": "SVAMP/svamp_val.jsonl",
+                            "test": "SVAMP/svamp_test.jsonl", "ood": "MAWPS/mawps_ood.jsonl",
+                            "ood_val": "MAWPS/mawps_val.jsonl"},
+                "answer_prefix": "Answer: ",  # ood_val is MAWPS's own file
+                "fallback": {"hub": "ChilleD/SVAMP", "splits": {"train": "train", "test": "test"},
+                             "input": "{Body}. {Question}. Answer: ", "target": "Answer"}},
+        **math_kw), overwrite=True)
+    register_task(Task(
+        name="GSM8K", description="GSM8K grade-school math; the target is the worked answer ending '#### N' "
+        "(the release has val and test; train comes from the hub)",
+        source={"release": {"val": "GSM8k/gsm8k_val.jsonl", "test": "GSM8k/gsm8k_test.jsonl"},
+                "fallback": {"hub": "openai/gsm8k", "config": "main", "splits": {"train": "train", "test": "test"},
+                             "input": "{question} Answer: ", "target": "answer"}},
+        checker="gsm8k", instructions="builtin:math", demos="builtin:math"), overwrite=True)
+    register_task(Task(
+        name="ASDiv", description="ASDiv word problems (hub only: one hub split, cut 80/20 into train/test)",
         source={"hub": "EleutherAI/asdiv", "config": "asdiv",
                 "splits": {"train": "validation[:80%]", "test": "validation[80%:]"},
                 "input": "{body} {question} Answer: ", "target": "answer", "target_transform": "number"},
-        **math_kw), overwrite=True)
+        checker="numeric", instructions="builtin:math", demos="builtin:math"), overwrite=True)
     register_task(Task(
-        name="ARC-E", description="ARC-Easy science questions, answered with a choice letter",
-        source={"hub": "allenai/ai2_arc", "config": "ARC-Easy",
-                "splits": {"train": "train", "validation": "validation", "test": "test"},
-                "input": "Question: {question}\n{choices}\nAnswer: ", "target": "answerKey",
-                "target_transform": "choice_letter"},
+        name="ARC-E", description="ARC-Easy science questions, answered with a choice letter (no OOD split)",
+        source={"release": {"train": "ARC_E/ARC_E_train.jsonl", "val": "ARC_E/ARC_E_val.jsonl",
+                            "test": "ARC_E/ARC_E_test.jsonl"},
+                "fallback": {"hub": "allenai/ai2_arc", "config": "ARC-Easy",
+                             "splits": {"train": "train", "val": "validation", "test": "test"},
+                             "input": "{question}\n{choices}\nAnswer: ", "target": "answerKey",
+                             "target_transform": "choice_letter"}},
         checker="mc", instructions="builtin:generic"), overwrite=True)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..evaluate import CHECKERS, evaluate
 from ..files import check_distinct_paths, check_writable_file, model_inputs
 from ..models import load_model, training_settings
-from ..records import load_records
+from ..tasks import load_data
 from ..text import format_ratio
 from .common import HelpFormatter, add_training_settings_options, format_table, write_json
 
@@ -24,8 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True,
                    help="trained model directory, hub id, .gguf file or builtin:NAME (e.g. builtin:smollm2-135m-instruct)")
-    p.add_argument("--data", action="append", required=True, help="JSONL test set; repeat for several")
-    p.add_argument("--checker", choices=sorted(CHECKERS), default="exact", help="answer checker")
+    p.add_argument("--data", action="append", required=True,
+                   help="JSONL test set, or TASK:SPLIT from the task registry (e.g. MAWPS:test, STG_E:ood_test); "
+                   "repeat for several")
+    p.add_argument("--checker", choices=sorted(CHECKERS), default=None,
+                   help="answer checker (default: the task's own for TASK:SPLIT, else exact)")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest target + 4 tokens")
     add_training_settings_options(p, "in the attention ratio")
@@ -51,24 +54,26 @@ def run(args) -> int:
     check_distinct_paths(inputs={"--data": args.data, "--model": model_inputs(args.model)}, outputs={"--out": [out]})
     check_writable_file(out, "--out")  # before the model loads and the evaluation runs
     on_error = "skip" if args.skip_invalid else "raise"
-    datasets = {path: load_records(path, on_error=on_error) for path in args.data}  # bad input fails first
+    datasets = {path: load_data(path, on_error=on_error) for path in args.data}  # bad input fails first
     settings = training_settings(args.model, chat_template=args.chat_template, span_columns=args.span_columns,
                                  layers=args.layers)
     if args.max_length is not None:
         settings["max_length"] = args.max_length
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     results, rows = {}, []
-    for path, records in datasets.items():
+    for path, (records, task) in datasets.items():
         if not records:
             raise ValueError(f"{path}: no records to evaluate")
-        res = evaluate(model, tokenizer, records, checker=args.checker, batch_size=args.batch_size,
+        checker = args.checker or (task.checker if task is not None else "exact")
+        check = task.checker_fn if task is not None and checker == task.checker else checker
+        res = evaluate(model, tokenizer, records, checker=check, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, desc=Path(path).name,
                        span_columns=settings["span_columns"], layers=settings["layers"],
                        chat_template=settings["chat_template"], max_length=settings["max_length"])
         if res.truncated:
             print(f"{path}: {res.truncated} of {res.n} prompts longer than max_length were cut from the left",
                   file=sys.stderr)
-        results[path] = {**res.to_json(), "checker": args.checker, "settings": settings}
+        results[path] = {**res.to_json(), "checker": checker, "settings": settings}
         ratio = "-" if res.attention_ratio is None else format_ratio(res.attention_ratio)
         rows.append([path, res.n, res.accuracy, ratio, "-" if res.abs_error is None else f"{res.abs_error:.2f}"])
     head = ["data", "n", "accuracy", "attn ratio", "mean abs error"]
@@ -80,7 +85,7 @@ def run(args) -> int:
         earlier = _read_results(out, weights)
         kept = [p for p in earlier if p not in results]
         results = {**{p: earlier[p] for p in kept}, **results}
-    write_json(out, {"model": args.model, "weights": weights, "checker": args.checker, "settings": settings,
+    write_json(out, {"model": args.model, "weights": weights, "settings": settings,
                      "results": results})
     print(f"wrote {out}" + (f" (in the model directory; kept earlier results for {len(kept)} other data file(s))"
                              if in_model_dir else ""))

@@ -10,24 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from ..explain import explain_record, plot_explanation, plot_ratio_curve
 from ..files import check_distinct_paths, check_writable_file, model_inputs
 from ..models import load_model, training_settings
-from ..records import Record, atomic_write_text, load_records
-from ..tasks import get_task
+from ..records import atomic_write_text
+from ..tasks import load_data
 from ..text import format_ratio
 from .common import add_training_settings_options
-
-def load_data(spec: str) -> list[Record]:
-    """A JSONL file, or TASK:SPLIT from the task registry (e.g. STG_E:ood_test)."""
-    if Path(spec).exists() or ":" not in spec:
-        return load_records(spec)
-    task, split = spec.rsplit(":", 1)
-    return get_task(task).load(split)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -50,8 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     curve = p.add_argument_group("attention ratio over training")
     curve.add_argument("--log", action="append", metavar="FILE",
                        help="train_report.json or an experiment logs/RUN.json; repeat to overlay curves")
-    curve.add_argument("--alpha", type=float, help="draw the target ratio alpha")
+    curve.add_argument("--alpha", type=_alpha, help="draw the target ratio alpha (a number > 0)")
     return p
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:  # a ratio target, as cat_alpha: nan or inf would draw nothing
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
 
 
 def run(args) -> int:
@@ -69,7 +72,7 @@ def run(args) -> int:
         return 0
     if not args.model or not args.data:
         raise ValueError("a heatmap needs --model and --data (or give --log for a ratio curve)")
-    records = load_data(args.data)
+    records, _ = load_data(args.data)
     if not 0 <= args.record < len(records):
         raise ValueError(f"--record {args.record} is out of range: {args.data} has {len(records)} records")
     settings = training_settings(args.model, chat_template=args.chat_template, span_columns=args.span_columns,

