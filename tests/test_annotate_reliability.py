@@ -117,3 +117,81 @@ def test_a_reply_of_200k_repeated_pairs_is_checked_in_bounded_time():
     checked = check_annotation(record, parse_reply(reply))
     assert time.monotonic() - started < 3
     assert checked.kept == [("15", ["12 apples", "3 pears", "Ann"]), ("How many", ["12 apples"])]
+
+
+# --------------------------------------------------------------------------- 8, 9, 10: credentials
+
+
+def test_a_reply_whose_fields_hold_the_key_never_shows_it(hostile, tmp_path):
+    # pydantic's serializer warning about choices of the wrong type quoted the key raw on stderr.
+    records, answers = make_records(3)
+    prompts = [r["input"] for r in records]
+    odd = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": KEY}
+    server = hostile(answers, {
+        prompts[0]: [lambda request: as_json(200, odd)] * 3,
+        prompts[1]: [lambda request: as_json(200, {**completion("{}"), "usage": KEY, "model": [KEY]})] * 3,
+    })
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    code, stdout, stderr, _ = cattune(*llm(server.url, inp, out), "--concurrency", "1")
+    assert code == 0, stderr
+    written = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
+    assert KEY not in written + stdout + stderr
+    assert "reply has no choices" in read_jsonl(out)[0]["cat_empty_reason"]
+
+
+def test_the_redacting_hook_covers_warnings_and_log_records(capsys):
+    import logging
+    import warnings
+
+    from cattune.commands.annotate import _redacting
+
+    logger = logging.getLogger("cattune-test-redact")
+    logger.addHandler(handler := logging.StreamHandler())
+    try:
+        with warnings.catch_warnings(record=True) as shown, _redacting(Redactor([KEY])):
+            warnings.warn_explicit(f"value {KEY!r}", UserWarning, "x.py", 1)
+            logger.warning("HTTP Request: POST /v1?api-key=%s", KEY)
+    finally:
+        logger.removeHandler(handler)
+    assert [str(w.message) for w in shown] == ["value '***'"]
+    err = capsys.readouterr().err
+    assert "api-key=***" in err and KEY not in err
+
+
+@pytest.mark.parametrize("url", ["http://user:pass-1234@{host}/v1", "http://sk-in-the-user-name@{host}/v1"])
+def test_credentials_in_the_base_url_are_refused_before_any_request(hostile, in_process, tmp_path, monkeypatch, url):
+    records, answers = make_records(1)
+    server = hostile(answers)
+    write_jsonl(tmp_path / "in.jsonl", records)
+    url = url.format(host=server.url.split("//")[1].split("/")[0])
+    code, out, err, _ = in_process(*llm(url, tmp_path / "in.jsonl", tmp_path / "out.jsonl"))
+    assert code == 1 and "--api-key-env" in one_line_error(err)
+    assert "pass-1234" not in out + err and "sk-in-the-user-name" not in out + err
+    assert not server.requests and not (tmp_path / "out.jsonl").exists()
+    # The same from $OPENAI_BASE_URL, which the client would otherwise read by itself.
+    from cattune.annotate.llm import make_client
+
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    with pytest.raises(ValueError, match="--api-key-env"):
+        make_client(None)
+
+
+def test_a_key_of_three_characters_is_redacted_and_annotations_that_contain_it_survive(hostile, in_process, tmp_path):
+    from test_annotate_hostile import echo_auth
+
+    records, answers = make_records(3)
+    server = hostile(answers, {records[0]["input"]: [echo_auth(400)]})
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    code, stdout, stderr, _ = in_process(*llm(server.url, inp, out, "--concurrency", "1"), key="app")
+    assert code == 0, stderr
+    assert server.auth == {"Bearer app"}
+    lines = read_jsonl(out)
+    assert "Bearer ***" in lines[0]["cat_empty_reason"]
+    assert "Bearer app" not in stdout + stderr + "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
+    # "app" is part of "11 apples": the reply's annotation is read as sent, not redacted first.
+    assert {k: v for o in lines[1]["important"] for k, v in o.items()} == answers[records[1]["input"]]
+    report = json.loads((tmp_path / "out.report.json").read_text())  # still the report's own field names
+    assert report["failures"][0]["line"] == 1 and "Bearer ***" in report["failures"][0]["error"]
+    assert Redactor(["k"])('{"k": "Bearer k"}') == '{"***": "Bearer ***"}'

@@ -165,8 +165,13 @@ def make_client(base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY"
         if require_key:
             raise ValueError(f"environment variable {api_key_env} is not set (it must hold the API key)")
         key = PLACEHOLDER_KEY
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL")  # what the client would read itself
     if base_url:
         parts = urlsplit(base_url)
+        if "@" in parts.netloc:
+            # The client would send them as Basic auth in place of the key, and servers echo that header.
+            raise ValueError("the base URL holds credentials before its host (user:password@host): remove them, "
+                             "put the key in an environment variable and name it with --api-key-env")
         if parts.scheme not in ("http", "https") or not parts.netloc:  # else each request times out on its own
             raise ValueError(f"the base URL must start with http:// or https:// and name a host, e.g. "
                              f"http://127.0.0.1:8000/v1; got {Redactor.for_endpoint(None, base_url).url(base_url)}")
@@ -204,8 +209,10 @@ def _cannot_connect(err: Exception) -> str | None:
 def _message_content(response: Any, redact: Callable[[str], str]) -> Any:
     """The first choice's message content of a 200 answer, or ``ReplyError`` saying what came instead.
 
-    Whatever the endpoint sent goes through ``redact`` first: messages show the start of
-    it, and a cut could leave half a secret where the whole one would have been replaced.
+    Messages show the start of what the endpoint sent, redacted before the cut: a cut
+    could leave half a secret where the whole one would have been replaced. The content
+    itself comes back as sent (``parse_reply`` redacts what it shows of it): redacting it
+    here would break annotations where a short key is part of a word.
     """
     if isinstance(response, str):  # the client hands back a non-JSON body (text/plain, HTML) as it is
         raise ReplyError(f"reply was not JSON: {preview(redact(response))}")
@@ -213,18 +220,13 @@ def _message_content(response: Any, redact: Callable[[str], str]) -> Any:
         raise ReplyError(f"reply is not a chat completion: {preview(redact(dumps(response)))}")
     choices = response.choices
     if not isinstance(choices, list) or not choices:
-        shown = response.to_dict() if callable(getattr(response, "to_dict", None)) else response
+        # warnings=False: pydantic's warning about the wrong type quotes the value raw on stderr.
+        shown = response.to_dict(warnings=False) if callable(getattr(response, "to_dict", None)) else response
         raise ReplyError(f"reply has no choices: {preview(redact(dumps(shown)))}")
     message = getattr(choices[0], "message", None)
     if message is None:
         raise ReplyError("reply has no message in its first choice")
-    content = getattr(message, "content", None)
-    if content is None:
-        return None
-    if isinstance(content, str):
-        return redact(content)
-    # Content parts or worse: redacted as JSON text, which a replaced secret keeps valid.
-    return json.loads(redact(dumps(content)))
+    return getattr(message, "content", None)
 
 
 class _Pause:
@@ -367,7 +369,7 @@ class LLMAnnotator:
         problem = ""
         for _ in range(1 + self.reply_retries):
             try:
-                pairs = parse_reply(self._request(messages, outcome))
+                pairs = parse_reply(self._request(messages, outcome), self.redact)
             except _Rejected as e:
                 outcome.rejected = True
                 outcome.empty_reason = f"request rejected: {e}"

@@ -27,6 +27,7 @@ from .output import (
 )
 from .prompt import read_records
 from .replies import check_annotation
+from .secrets import Redactor
 
 # Endpoint failures (errors outlasting retries, rejected requests) in a row that stop a
 # run: by then the cause is the setup (URL, model, context size), not one record.
@@ -153,7 +154,7 @@ def annotate_file(
                  ("work file", work_path_for(output_path))])
     if concurrency < 1:
         raise ValueError("--concurrency must be >= 1")
-    redact: Callable[[str], str] = getattr(annotate, "redact", None) or (lambda text: text)
+    redact: Redactor = getattr(annotate, "redact", None) or Redactor()
     items = read_records(input_path) if items is None else items
     ids = assign_ids(items, id_field, input_path)
     prompts = {record_id: record.prompt for record_id, (_, record) in zip(ids, items)}
@@ -211,7 +212,7 @@ def annotate_file(
             # What the annotator settled on during the run (e.g. the response_format it fell back to).
             if callable(report_fields := getattr(annotate, "report_fields", None)):
                 report.update(report_fields())
-            atomic_write_text(report_path, redact(json.dumps(report, indent=2, ensure_ascii=False)) + "\n")
+            atomic_write_text(report_path, json.dumps(redact.values(report), indent=2, ensure_ascii=False) + "\n")
     return report
 
 

@@ -12,7 +12,7 @@ import functools
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..masks import find_occurrences
 from ..records import Annotation, Record
@@ -78,7 +78,7 @@ def dumps(obj: Any) -> str:
         raise ReplyError(f"reply {NESTED_TOO_DEEPLY}") from None
 
 
-def reply_text(content: Any) -> str | None:
+def reply_text(content: Any, redact: Callable[[str], str] = str) -> str | None:
     """The text of a message's ``content``: a string, or the text parts of a list of parts.
 
     The client does not check the type, so a server can hand back anything here; what
@@ -90,13 +90,13 @@ def reply_text(content: Any) -> str | None:
         texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
         texts = [text for text in texts if isinstance(text, str)]
         if not texts:
-            raise ReplyError(f"message content has no text part: {preview(dumps(content))}")
+            raise ReplyError(f"message content has no text part: {preview(redact(dumps(content)))}")
         return "".join(texts)
     shown = dumps(content)
-    raise ReplyError(f"message content is {type(content).__name__}, not text: {preview(shown)}")
+    raise ReplyError(f"message content is {type(content).__name__}, not text: {preview(redact(shown))}")
 
 
-def parse_reply(text: str | list | None) -> list[tuple[Any, Any]]:
+def parse_reply(text: str | list | None, redact: Callable[[str], str] = str) -> list[tuple[Any, Any]]:
     """The (key, values) pairs of a reply, unchecked; ``ReplyError`` when there are none.
 
     Accepts a bare JSON object, one inside a fenced code block, one with text before or
@@ -104,7 +104,7 @@ def parse_reply(text: str | list | None) -> list[tuple[Any, Any]]:
     models' ``<think>...</think>`` preambles are skipped. ``text`` may also be a list of
     content parts (``[{"type": "text", "text": ...}, ...]``): their text is the reply.
     """
-    text = reply_text(text)
+    text = reply_text(text, redact)
     if text is None or not text.strip():
         raise ReplyError("empty reply")
     text = strip_think(text)
@@ -119,7 +119,7 @@ def parse_reply(text: str | list | None) -> list[tuple[Any, Any]]:
         for _, i in zip(range(_MAX_STARTS), starts):
             if (pairs := _decode(decoder, candidate, i)) is not None:
                 return pairs
-    raise ReplyError(f"no JSON object in the reply: {text.strip()[:80]!r}")
+    raise ReplyError(f"no JSON object in the reply: {preview(redact(text))}")
 
 
 def _decode(decoder: json.JSONDecoder, text: str, start: int | None) -> list[tuple[Any, Any]] | None:

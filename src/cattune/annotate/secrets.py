@@ -7,6 +7,7 @@ through a ``Redactor`` holding the API key and the base URL's credentials.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Iterable
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit, urlunsplit
@@ -17,8 +18,6 @@ PLACEHOLDER_KEY = "EMPTY"
 REDACTED = "***"
 # Query parameters that carry credentials: Azure's api-key, Google's key, tokens, signatures.
 _SECRET_PARAM = re.compile(r"key|token|secret|passw|sig", re.I)
-# Shorter "secrets" would mangle ordinary words in messages and protect nothing.
-_MIN_SECRET = 4
 
 
 def _is_secret_param(part: str) -> bool:
@@ -45,15 +44,21 @@ def redact_url(url: str) -> str:
 
 
 class Redactor:
-    """Replaces known secrets in text with ``***`` before it is printed, logged or written."""
+    """Replaces known secrets in text with ``***`` before it is printed, logged or written.
+
+    Every secret counts, however short: a three-letter key of a local server is still
+    the key (it mangles words of messages that hold it, which is the lesser harm).
+    """
 
     def __init__(self, secrets: Iterable[str] = ()):
         found: set[str] = set()
         for secret in secrets:
-            if isinstance(secret, str) and len(secret) >= _MIN_SECRET:
-                # An echo may carry the key as sent in a URL, or decoded from one.
-                found.update({secret, quote(secret, safe=""), quote_plus(secret), unquote_plus(secret)})
-        self.secrets = sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
+            if isinstance(secret, str) and secret:
+                # An echo may carry the key as sent in a URL, or decoded from one, or
+                # quoted in JSON text (a report, an error body).
+                variants = {secret, quote(secret, safe=""), quote_plus(secret), unquote_plus(secret)}
+                found.update(variants | {json.dumps(v, ensure_ascii=a)[1:-1] for v in variants for a in (True, False)})
+        self.secrets = sorted((s for s in found if s), key=len, reverse=True)
 
     @classmethod
     def for_endpoint(cls, api_key: Any, base_url: Any = None, query: dict[str, Any] | None = None) -> "Redactor":
@@ -79,4 +84,15 @@ class Redactor:
 
     def url(self, url: str) -> str:
         return self(redact_url(url))
+
+    def values(self, obj: Any) -> Any:
+        """``obj`` (a report) with every string value redacted; its keys are ours, and
+        redacting JSON text instead would mangle them or its syntax with a short key."""
+        if isinstance(obj, str):
+            return self(obj)
+        if isinstance(obj, dict):
+            return {k: self.values(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.values(v) for v in obj]
+        return obj
 

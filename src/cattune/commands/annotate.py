@@ -15,10 +15,13 @@ as ``NAME.report.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
+import warnings
 from typing import Any, Callable
 
 from ..annotate.llm import STRUCTURED_MODES, EndpointError, LLMAnnotator, Outcome, make_client
@@ -232,12 +235,40 @@ def _os_error(e: OSError) -> str:
     return f"{e.filename}: {e.strerror or e}"
 
 
+@contextlib.contextmanager
+def _redacting(redact: Redactor):
+    """Warnings and log records pass through ``redact`` while the command runs: libraries
+    print what a server sent (pydantic's warning quoting a field, httpx's request line
+    with the URL's query), past every message this command builds itself."""
+    show, make_record = warnings.showwarning, logging.getLogRecordFactory()
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        show(redact(str(message)), category, filename, lineno, file, line)
+
+    def factory(*args, **kwargs):
+        record = make_record(*args, **kwargs)
+        try:
+            record.msg, record.args = redact(record.getMessage()), None
+        except (TypeError, ValueError):  # arguments that do not fit the format: logging says so when it emits
+            pass
+        return record
+
+    warnings.showwarning = showwarning
+    logging.setLogRecordFactory(factory)
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+        logging.setLogRecordFactory(make_record)
+
+
 def run(args) -> int:
     """``cattune annotate``; every error is one line (``ValueError``/``RuntimeError``), secrets redacted."""
     # Built from the arguments, before any client: a message about a bad URL may quote it.
     redact = Redactor.for_endpoint(os.environ.get(args.api_key_env), _base_url(args))
     try:
-        return _run(args, redact)
+        with _redacting(redact):
+            return _run(args, redact)
     except BrokenPipeError:
         raise
     except OSError as e:  # a file that cannot be read or written, found mid-run: no traceback
