@@ -114,7 +114,7 @@ def test_train_resumes_from_the_last_checkpoint_in_out(data, tmp_path):
     assert "resuming" not in r.stderr and "removed 7 checkpoint(s) and report(s)" in r.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     fails(cli("train", "--train", data / "train.jsonl", "--out", tmp_path / "empty", *TRAIN,
-              "--resume_from_checkpoint", "true"), "no checkpoint-N directory")
+              "--resume_from_checkpoint", "true"), "no complete checkpoint-N directory")
     # A finished run saved without checkpoints is not overwritten unasked either.
     done = tmp_path / "done"
     ok(cli("train", "--train", data / "train.jsonl", "--out", done, *TRAIN, "--save_strategy", "no"))
@@ -318,3 +318,143 @@ def test_demo_never_clears_an_experiments_results(tmp_path):
     (tmp_path / "results.jsonl").write_text('{"task": "x"}\n')
     fails(cli("demo", "--out", tmp_path, "--limit", "8"), "holds an experiment's results.jsonl")
     assert (tmp_path / "results.jsonl").read_text() == '{"task": "x"}\n'
+
+
+# --- issue 34: no lost training, one line for every mistake ----------------------------------
+
+
+def test_an_incomplete_checkpoint_is_skipped_and_removed(data, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--train", data / "train.jsonl", "--out", out, "--save_strategy", "steps", "--save_steps", "1"]
+    ok(cli(*args, *TRAIN))
+    (out / "train_report.json").unlink()
+    (out / "checkpoint-2" / "trainer_state.json").unlink()  # killed (or the disk filled) mid-save
+    r = ok(cli(*args, *TRAIN[:1], "3", *TRAIN[2:]))
+    assert f"resuming from {out / 'checkpoint-1'}" in r.stderr
+    assert "removed checkpoint-2" in r.stderr and "incomplete" in r.stderr
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+    fails(cli("train", "--train", data / "train.jsonl", "--out", tmp_path / "other", *TRAIN,
+              "--resume_from_checkpoint", _cut(out / "checkpoint-3")), "checkpoint-3: incomplete")
+
+
+def _cut(checkpoint: Path) -> Path:
+    (checkpoint / "trainer_state.json").write_text('{"global_st')  # cut while writing the state itself
+    return checkpoint
+
+
+def _unshare_tmpfs_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _unshare_tmpfs_works(), reason="needs unshare and a tmpfs mount (a small full disk)")
+@pytest.mark.parametrize("size_kb", [1000, 2500])  # the weights' save fails (safetensors), or the optimizer's (torch)
+def test_a_full_disk_is_one_line_and_leaves_no_checkpoint(data, tmp_path, size_kb):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    argv = [sys.executable, "-m", "cattune.cli", "train", "--train", data / "train.jsonl", "--out", disk / "run",
+            "--save_strategy", "steps", "--save_steps", "1", *TRAIN]
+    script = f"mount -t tmpfs -o size={size_kb}k tmpfs {disk} && exec " + " ".join(map(str, argv))
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    fails(r, f"no space left on {disk / 'run' / 'checkpoint-1'}")
+    assert "enforce fail" not in r.stderr and "SafetensorError" not in r.stderr
+
+
+def _held(directory: Path):
+    from filelock import FileLock
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(directory / ".cattune.lock"), timeout=0)
+
+
+def test_two_writers_of_one_output_exclude_each_other(data, tmp_path):
+    out = tmp_path / "run"
+    with _held(out):  # a run writing there now
+        fails(cli("train", "--train", data / "train.jsonl", "--out", out, *TRAIN), f"another cattune train is "
+              f"writing {out}")
+        assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
+    exp = tmp_path / "exp"
+    with _held(exp):
+        fails(cli("experiment", "builtin:stg", "--max-runs", "0", "--out", exp),
+              f"another cattune experiment is writing {exp}")
+    assert not (exp / "results.jsonl").exists()
+    ok(cli("train", "--train", data / "train.jsonl", "--out", out, *TRAIN, "--save_strategy", "no"))
+    assert not (out / ".cattune.lock").exists()  # released: the next run may write
+
+
+def test_resume_keys_on_the_training_data_not_its_path(data, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes((data / "train.jsonl").read_bytes())
+    out = tmp_path / "run"
+    args = ["train", "--train", train, "--out", out, "--save_strategy", "steps", "--save_steps", "1"]
+    ok(cli(*args, *TRAIN))
+    (out / "train_report.json").unlink()
+    train.write_bytes((data / "test.jsonl").read_bytes())  # other records, same path
+    fails(cli(*args, *TRAIN[:1], "3", *TRAIN[2:]), "differs in: train_sha256")
+
+
+def test_train_never_replaces_a_model_unasked_nor_removes_before_its_checks(model, data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(model, out)
+    for name in ("train_report.json", ".cattune-run.json"):  # a model from elsewhere, not a run killed here
+        (out / name).unlink()
+    weights = (out / "model.safetensors").read_bytes()
+    fails(cli("train", "--train", data / "train.jsonl", "--out", out, *TRAIN), f"--out {out} holds a model")
+    assert (out / "model.safetensors").read_bytes() == weights
+    (out / "checkpoint-1").mkdir()
+    (out / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    # Asked to start over, but with a mistake only the model reveals: nothing is removed.
+    fails(cli("train", "--train", data / "train.jsonl", "--out", out, *TRAIN, "--overwrite_output_dir",
+              "--cat_layers", "7"), "out of range")
+    assert (out / "checkpoint-1" / "trainer_state.json").exists() and (out / "model.safetensors").exists()
+    fails(cli("train", "--train", data / "train.jsonl", "--out", out, *TRAIN, "--overwrite_output_dir",
+              "--gradient_accumulation_steps", "0"), "gradient_accumulation_steps must be at least 1")
+    assert (out / "checkpoint-1" / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize("argv, files, message", [
+    (["train", "--train", "TRAIN", "--out", "OUT", "--gradient_accumulation_steps", "0"], {},
+     "gradient_accumulation_steps must be at least 1"),
+    (["train", "--config", "A.yaml", "--train", "TRAIN"], {"A.yaml": "out: OUT\ngradient_accumulation_steps: 0\n"},
+     "gradient_accumulation_steps must be at least 1"),
+    (["train", "--train", "TRAIN", "--out", "OUT", "--max_grad_norm", "nan"], {}, "max_grad_norm must be a finite"),
+    (["train", "--train", "TRAIN", "--out", "OUT", "--seed", "-1"], {}, "seed must be 0 or more"),
+    (["train", "--train", "TRAIN", "--out", "OUT", "--eval", "E.jsonl"], {"E.jsonl": ""}, "--eval"),
+    (["train", "--config", "A.yaml", "--train", "TRAIN"], {"A.yaml": "out: OUT\nlearning_rate: 1\nlearning_rate: 2\n"},
+     "A.yaml:3: key 'learning_rate' appears twice"),
+    (["train", "--config", "A.yaml", "--train", "TRAIN"], {"A.yaml": "out: OUT\noutput_dir: OUT2\n"},
+     "gives both out and output_dir"),
+    (["train", "--config", "A.yaml", "--config", "B.yaml", "--train", "TRAIN"],
+     {"A.yaml": "out: OUT\n", "B.yaml": "max_steps: 1\n"}, "--config is given more than once"),
+    (["train", "--train", "TRAIN", "--out", "OUT", "--cat_layers", "0", "0", "-2"], {}, "names a layer twice"),
+    (["train", "--train", "TRAIN", "--out", "OUT", "--cat_layers", "0", "-2"], {}, "names one layer twice"),
+    (["explain", "--log", "L.json", "--alpha", "nan", "--out", "OUT.png"], {"L.json": "{}"},
+     "--alpha: must be a number, > 0"),
+    (["experiment", "builtin:stg", "--summary-only", "--compare", "OUT", "--tolerance", "nan"], {},
+     "--tolerance: must be a number, 0 or more"),
+    (["stg", "--seed", "-42", "--out", "OUT"], {}, "--seed: must be an integer, 0 or more"),
+    (["experiment", "builtin:stg", "--only-seeds", "-1", "--out", "OUT"], {}, "--only-seeds: seeds must be 0 or more"),
+    (["experiment", "C.yaml", "--dry-run"], {"C.yaml": "tasks: [STG_E]\nseeds: [0, -1]\n"},
+     "seeds must be 0 or more, got -1"),
+    (["experiment", "C.yaml", "--dry-run"], {"C.yaml": "tasks: [STG_E]\ntrain: {gradient_accumulation_steps: 0}\n"},
+     "gradient_accumulation_steps must be at least 1"),
+    (["experiment", "C.yaml", "--dry-run"], {"C.yaml": "tasks: [STG_E]\nseeds: 1\nseeds: 2\n"},
+     "key 'seeds' appears twice"),
+])
+def test_issue_34_mistakes_are_one_line_errors(data, tmp_path, argv, files, message):
+    subst = {"TRAIN": str(data / "train.jsonl"), "OUT2": str(tmp_path / "out2"), "OUT": str(tmp_path / "out")}
+
+    def fill(text):
+        for key in sorted(subst, key=len, reverse=True):
+            text = text.replace(key, subst[key])
+        return text
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(fill(text))
+    fails(cli(*[str(tmp_path / a) if a in files else fill(a) for a in argv]), message)
+    assert not (tmp_path / "out" / "model.safetensors").exists()

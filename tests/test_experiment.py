@@ -132,6 +132,10 @@ def test_shipped_stg_config():
     ({"tasks": [{"task": "STG_E", "shots": 3}]}, "unknown task-entry fields"),
     ({"seeds": 0}, "seeds"),
     ({"seeds": [1, 1]}, "repeat"),
+    ({"seeds": [0, -3]}, "seeds must be 0 or more, got -3"),  # Python's random: -3 would be seed 3
+    ({"tasks": [{"task": "STG_E", "seeds": [-1]}]}, "seeds must be 0 or more"),
+    ({"train": {"gradient_accumulation_steps": 0}}, "gradient_accumulation_steps must be at least 1"),
+    ({"train": {"max_grad_norm": float("nan")}}, "max_grad_norm must be a finite number"),
     ({"arm_args": {"baseline": {"cat_gamma": 1}}}, "baseline arm always"),
     ({"models": [{"name": "x", "size": 3}]}, "unknown model fields"),
     ({"eval": {"temperature": 0}}, "eval: unknown"),
@@ -479,11 +483,16 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     work = tmp_path / ".run.partial"
     (work / "checkpoint-2").mkdir(parents=True)
     (work / "checkpoint-2" / "cattune_train_seconds.json").write_text('{"train_seconds": 5.0}')
-    (work / "settings").write_text("abc\n")
-    assert _resume_point(work, "abc") == (str(work / "checkpoint-2"), 5.0)
+    (work / "settings").write_text("abc\n")  # stamped before the data was: still resumed
+    assert _resume_point(work, "abc", "d1") == (str(work / "checkpoint-2"), 5.0)
     (work / "checkpoint-4").mkdir()  # killed while saving: no time file yet
-    assert _resume_point(work, "abc")[0] == str(work / "checkpoint-2")
-    assert _resume_point(work, "other") == (None, 0.0) and not work.exists()
+    assert _resume_point(work, "abc", "d1")[0] == str(work / "checkpoint-2")
+    (work / "settings").write_text("abc d1\n")
+    assert _resume_point(work, "abc", "d1")[0] == str(work / "checkpoint-2")
+    assert _resume_point(work, "abc", "d2") == (None, 0.0) and not work.exists()  # the task file changed
+    (work / "checkpoint-2").mkdir(parents=True)
+    (work / "settings").write_text("abc d1\n")
+    assert _resume_point(work, "other", "d1") == (None, 0.0) and not work.exists()
     with pytest.raises(ConfigError, match="checkpoint_minutes must be a number of minutes"):
         load_config(micro(tmp_path, checkpoint_minutes=-1))
 
@@ -565,3 +574,15 @@ def test_save_models_can_keep_only_some_seeds(tmp_path, capfd):
     assert ran["threads"] == torch.get_num_threads() and ran["torch"] == torch.__version__
     with pytest.raises(ConfigError, match="save_models must be true, false or a list of seeds"):
         load_config(micro(tmp_path, save_models="seed 0"))
+
+
+def test_a_train_block_without_cat_gamma_takes_catconfigs_default(tmp_path):
+    # issue 34.1: the CAT arm trained and was evaluated, then its result line failed on cat_gamma.
+    cfg = load_config(micro(tmp_path, seeds=1, arms=["baseline", "cat"], train_from=None,
+                            train={"max_steps": 3, "per_device_train_batch_size": 8, "use_cpu": True},
+                            tasks=[{"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 16,
+                                    "test_limit": 4}]))
+    report = run_experiment(cfg, out=tmp_path / "out", log=lambda m: None)
+    assert report.complete
+    gammas = {r["arm"]: r["cat_gamma"] for r in lines(tmp_path / "out" / "results.jsonl")}
+    assert gammas == {"baseline": 0.0, "cat": 1.0}

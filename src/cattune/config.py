@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -10,6 +11,25 @@ from transformers import TrainingArguments
 from .evaluate import CHECKERS
 from .loss import LOSS_KINDS
 from .masks import DEFAULT_MAX_LENGTH, DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
+
+
+# TrainingArguments fields whose out-of-range values it takes without a word (or with a
+# traceback hours later): (name, test, what the message asks for).
+RANGES = (
+    ("gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
+    ("eval_accumulation_steps", lambda v: v >= 1, "at least 1"),
+    ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    # Python's random takes the absolute value: -42 would silently be seed 42.
+    ("seed", lambda v: v >= 0, "0 or more"),
+    ("data_seed", lambda v: v >= 0, "0 or more"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_epsilon", lambda v: v > 0, "> 0"),
+    ("label_smoothing_factor", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("dataloader_num_workers", lambda v: v >= 0, "0 or more"),
+)
 
 
 @dataclass
@@ -153,9 +173,16 @@ class CATConfig(TrainingArguments):
             and all(isinstance(i, int) and not isinstance(i, bool) for i in self.cat_layers)
         ):
             raise ValueError(f"cat_layers must be a list of layer indices (e.g. [-1]) or None, got {self.cat_layers!r}")
-        for name in ("cat_alpha", "cat_gamma", "cat_gamma_decay"):
-            if not math.isfinite(getattr(self, name)):  # nan would compare False everywhere and switch CAT off
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.cat_layers is not None and len(set(self.cat_layers)) != len(self.cat_layers):
+            raise ValueError(f"cat_layers names a layer twice: {self.cat_layers}")
+        for f in dataclasses.fields(self):  # nan compares False everywhere: clipping, CAT, ... silently off
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        for name, ok, expected in RANGES:
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"{name} must be {expected}, got {value}")
         if self.cat_alpha <= 0:
             raise ValueError(f"cat_alpha must be > 0, got {self.cat_alpha}")
         # A negative decay would grow the Re-Attention weight without bound over training.

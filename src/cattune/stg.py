@@ -129,6 +129,10 @@ def generate(variant: str = "E", seed: int = 42, annotate: bool = True) -> dict[
     """
     from .annotate import RuleAnnotator
 
+    # Python's random takes the absolute value (seed -42 would be seed 42's sets, the test
+    # set among them); numpy refuses a negative one. Refuse it alike for both.
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer, 0 or more, got {seed!r}")
     variant = variant.upper()
     if variant == "E":
         rng = random.Random(seed)

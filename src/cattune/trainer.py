@@ -8,12 +8,19 @@ exactly plain supervised fine-tuning.
 
 from __future__ import annotations
 
+import errno
+import json
 import math
+import os
+import shutil
 from collections import defaultdict
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .attention import AttentionProbe, resolve_layers, use_row_probe
@@ -136,6 +143,10 @@ class CATTrainer(Trainer):
             encoded_eval = self._encode("eval", tokenizer, self._eval_records, args)
         use_row_probe(model)
         self.cat_layers = resolve_layers(model, args.cat_layers)
+        if self.cat_layers is not None and len(self.cat_layers) != len(args.cat_layers):
+            # -1 and n-1 are one layer: averaged once, not the weight the list suggests.
+            raise ValueError(f"cat_layers {args.cat_layers} names one layer twice on this model "
+                             "(negative indices count from the last layer, -1)")
         if args.answer_logits_only and not takes_logits_to_keep(model):
             raise ValueError(f"answer_logits_only needs a model whose forward takes logits_to_keep; "
                              f"{type(model).__name__} does not")
@@ -343,11 +354,29 @@ class CATTrainer(Trainer):
             )
         return loss
 
+    def _save_checkpoint(self, model, trial):
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        existed = folder.exists()
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:
+            failure = save_failure(e, folder)
+            if not existed and self.args.should_save:  # frees the space; it could never be resumed from
+                shutil.rmtree(folder, ignore_errors=True)
+            if failure is e:
+                raise
+            raise failure from None
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         # TrainingArguments are pickled into training_args.bin: never with the hub token.
         token, self.args.hub_token = self.args.hub_token, None
         try:
             super().save_model(output_dir, _internal_call=_internal_call)
+        except Exception as e:
+            failure = save_failure(e, Path(output_dir or self.args.output_dir))
+            if failure is e:
+                raise
+            raise failure from None
         finally:
             self.args.hub_token = token
         if self.args.should_save:
@@ -371,12 +400,57 @@ class CATTrainer(Trainer):
         super().log(logs, start_time)
 
 
+class DiskFullError(OSError):
+    pass
+
+
+def save_failure(error: Exception, directory: Path) -> Exception:
+    """What a failed save raises: a full disk as one line naming the directory, whatever
+    the writer made of it (torch: "[enforce fail at inline_container.cc:672] unexpected
+    pos", safetensors: "IoError(... StorageFull ...)"); any other error unchanged."""
+    if isinstance(error, DiskFullError):
+        return error
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    existing = Path(os.path.abspath(directory))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        free = None
+    # The writers' messages do not say why; what is left on the disk right after does.
+    if not (full or "No space left" in str(error) or "StorageFull" in str(error)
+            or (free is not None and free < LOW_SPACE)):
+        return error
+    left = "" if free is None else f", {free / 2**20:.1f} MiB free"
+    return DiskFullError(errno.ENOSPC, f"no space left on {directory}{left}: saving failed. Free some space and "
+                         "run the command again")
+
+
+LOW_SPACE = 64 * 2**20  # less than this left after a failed save: the disk filled up
+
+
+def checkpoints(directory: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """The ``checkpoint-N`` directories in ``directory``, by step: (complete, incomplete).
+    The Trainer writes ``trainer_state.json`` last, so a checkpoint without a readable one
+    was cut short (a kill, a full disk) and cannot be resumed from."""
+    found = sorted((p for p in Path(directory).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                    if p.is_dir() and p.name.rpartition("-")[2].isdigit()),
+                   key=lambda p: int(p.name.rpartition("-")[2]))
+    return [p for p in found if complete_checkpoint(p)], [p for p in found if not complete_checkpoint(p)]
+
+
+def complete_checkpoint(path: str | os.PathLike) -> bool:
+    try:
+        json.loads((Path(path) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _uniform_modes(directory: str) -> None:
     """Give every file of a saved model the mode a plain ``open()`` gives (some writers,
     safetensors among them, create theirs 0600 through a temporary file)."""
-    import os
-    from pathlib import Path
-
     umask = os.umask(0)
     os.umask(umask)
     for path in Path(directory).iterdir():

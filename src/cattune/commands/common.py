@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
@@ -35,6 +36,24 @@ def add_training_settings_options(group, measured: str) -> None:
     group.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                        help="prompts through the tokenizer's chat template; default: as the model was trained "
                        "(cattune.json), else off")
+
+
+def number_option(kind: type = float, low: float = 0, strict: bool = False):
+    """An argparse ``type``: a finite ``kind`` at least ``low`` (above it if ``strict``).
+    nan compares False with everything, so an unchecked one silently passes every test."""
+    noun = "an integer" if kind is int else "a number"
+    bound = f"> {low}" if strict else f"{low} or more"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {noun}, {bound}, got {text!r}")
+        return value
+
+    return parse
 
 
 def format_table(header: list[str], rows: list[list]) -> str:

@@ -10,7 +10,8 @@ from ..experiment import (
     ARMS, RESULTS, compare_results, load_config, read_results, run_experiment, select, summary_markdown, write_summary,
 )
 from ..experiment.config import parse_seeds
-from ..files import check_writable_dir
+from ..files import check_writable_dir, output_lock
+from .common import number_option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,13 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML/JSON file, or builtin:NAME for a shipped one")
     p.add_argument("--out", help="output directory (default: the config's 'output', relative to the current directory)")
     p.add_argument("--seeds", type=int, metavar="N", help="run seeds 0..N-1 for every task (overrides the config's and the tasks' seeds)")
-    p.add_argument("--only-seeds", type=_int_list, metavar="S,S", help="run only these seeds, e.g. 0 or 0,3 "
+    p.add_argument("--only-seeds", type=_seed_list, metavar="S,S", help="run only these seeds, e.g. 0 or 0,3 "
                    "(to reproduce one cell of a grid); the summary covers every finished run")
     p.add_argument("--only-arms", type=_name_list, metavar="ARM,ARM", help=f"run only these arms ({', '.join(ARMS)})")
     p.add_argument("--only-tasks", type=_name_list, metavar="LABEL,LABEL", help="run only these task labels")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: the config's 'threads', else torch's)")
+    p.add_argument("--threads", type=number_option(int, 1), help="torch CPU threads (default: the config's 'threads', else torch's)")
     p.add_argument("--max-runs", type=int, metavar="N", help="stop after N new runs (run again to continue)")
-    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--jobs", type=number_option(int, 1), default=1, metavar="N",
                    help="train N runs at once, each in its own process with --threads torch threads (1 if unset); "
                    "with the same --threads the results are those of one run at a time (default: 1)")
     p.add_argument("--dry-run", action="store_true", help="print each task and arm's training settings and list the runs, finished or not; "
@@ -42,26 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "beside the same run in DIR (another output directory, e.g. the committed "
                    "docs/results/smollm2_stg) and write OUT/comparison.md; exit status 1 if a result differs "
                    "by more than --tolerance")
-    p.add_argument("--tolerance", type=float, default=3.0, metavar="POINTS",
+    p.add_argument("--tolerance", type=number_option(float, 0), default=3.0, metavar="POINTS",
                    help="accuracy difference, in points, that --compare accepts (default: 3)")
     return p
 
 
-def _int_list(text: str) -> list[int]:
+def _seed_list(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,3; got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be 0 or more, got {text!r}")
+    return seeds
 
 
 def _name_list(text: str) -> list[str]:
@@ -90,9 +84,10 @@ def run(args) -> int:
         if not results:
             print(f"no finished runs in {out / RESULTS}", file=sys.stderr)
             return 1
-        rows = write_summary(out, results, config)
-        print(summary_markdown(rows, f"Experiment {config.name}", config.arms))
-        return _compare(out, results, reference, args) if reference is not None else 0
+        with output_lock(out, "cattune experiment"):  # not while a runner rewrites the summary
+            rows = write_summary(out, results, config)
+            print(summary_markdown(rows, f"Experiment {config.name}", config.arms))
+            return _compare(out, results, reference, args) if reference is not None else 0
     if not args.dry_run:
         check_writable_dir(out, "--out" if args.out else "output")
     report = run_experiment(config, out=out, max_runs=args.max_runs, dry_run=args.dry_run, progress=args.progress,
@@ -107,7 +102,8 @@ def run(args) -> int:
     print(f"{len(report.ran)} run(s) done now, {len(report.skipped)} earlier, {remaining} left{where}",
           file=sys.stderr)
     if reference is not None:
-        return _compare(out, read_results(out / RESULTS)[0], reference, args)
+        with output_lock(out, "cattune experiment"):
+            return _compare(out, read_results(out / RESULTS)[0], reference, args)
     return 0
 
 

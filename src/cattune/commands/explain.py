@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ..models import load_model, training_settings
 from ..records import atomic_write_text
 from ..tasks import load_data
 from ..text import format_ratio
-from .common import add_training_settings_options
+from .common import add_training_settings_options, number_option
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -43,18 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     curve = p.add_argument_group("attention ratio over training")
     curve.add_argument("--log", action="append", metavar="FILE",
                        help="train_report.json or an experiment logs/RUN.json; repeat to overlay curves")
-    curve.add_argument("--alpha", type=_alpha, help="draw the target ratio alpha (a number > 0)")
+    curve.add_argument("--alpha", type=number_option(float, 0, strict=True), help="draw the target ratio alpha")
     return p
-
-
-def _alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:  # a ratio target, as cat_alpha: nan or inf would draw nothing
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
 
 
 def run(args) -> int:

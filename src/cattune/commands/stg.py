@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import stg
 from ..records import save_records
 from ..files import check_writable_dir
-from .common import HelpFormatter
+from .common import HelpFormatter, number_option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--variant", choices=["E", "H", "e", "h"], default="E", help="easy (labels) or hard (integer AQI)")
-    p.add_argument("--seed", type=int, default=42, help="random seed")
+    p.add_argument("--seed", type=number_option(int, 0), default=42, help="random seed, 0 or more")
     p.add_argument("--out", required=True, help="output directory; one SPLIT.jsonl per split")
     return p
 

@@ -6,17 +6,21 @@ import argparse
 import inspect
 import json
 import os
+import shutil
 import sys
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from ..records import load_config_file, load_records
-from ..trainer import CATConfig, CATTrainer, end_distributed, lora_model
+from ..records import load_records
+from ..trainer import (
+    TRAINER_STATE_NAME, CATConfig, CATTrainer, checkpoints, complete_checkpoint, end_distributed, lora_model,
+)
 from ..fields import typed_fields
-from ..files import check_distinct_paths, check_writable_dir, model_inputs
+from ..files import check_distinct_paths, check_writable_dir, file_digest, load_settings_file, model_inputs, output_lock
 from ..models import load_model
 from .common import HelpFormatter, write_json
 
@@ -89,18 +93,23 @@ def apply_config(parser, argv: list[str]) -> list[str]:
     """``--config FILE`` taken out of ``argv``: its values become the parser's defaults, so
     that the command line overrides them (as TRL's parser does)."""
     argv = list(argv)
-    for i, arg in enumerate(argv):
-        if arg == "--config" or arg.startswith("--config="):
-            path = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
-            del argv[i: i + (1 if "=" in arg else 2)]
-            break
-    else:
+    given = [i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")]
+    if not given:
         return argv
+    if len(given) > 1:  # which one would win is a guess: say so rather than drop one
+        parser.error("--config is given more than once: put the settings in one file (options on the command "
+                     "line override it)")
+    i = given[0]
+    arg = argv[i]
+    path = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+    del argv[i: i + (1 if "=" in arg else 2)]
     if not path:
         parser.error("--config needs a file")
-    values = load_config_file(path)
+    values = load_settings_file(path)
     if not isinstance(values, dict):
         parser.error(f"{path}: expected a mapping of option names to values")
+    if "out" in values and "output_dir" in values:
+        parser.error(f"{path}: gives both out and output_dir (the same option); keep one")
     values = {("output_dir" if k == "out" else k): v for k, v in values.items()}
     types = {}
     for cls in (TrainArguments, CATConfig):
@@ -141,6 +150,7 @@ def run(args) -> int:
 
 
 RUN_FILE = ".cattune-run.json"  # what the run in --out trains: a resume must be the same run
+MODEL_FILES = ("config.json", "adapter_config.json")  # one of them in --out: it holds a saved model
 FINGERPRINT = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "cat_alpha",
                "cat_gamma", "cat_gamma_decay", "cat_layers", "cat_span_columns", "cat_loss", "chat_template",
                "max_length")
@@ -149,64 +159,71 @@ FINGERPRINT = ("learning_rate", "per_device_train_batch_size", "gradient_accumul
 def run_fingerprint(targs, config) -> dict:
     """What makes two invocations the same run. The schedule's length is not in it, so a
     resumed run may be given more steps or epochs."""
-    return {"train": str(Path(targs.train).resolve()), "model": targs.model, "lora": targs.lora,
-            **{name: getattr(config, name) for name in FINGERPRINT}}
+    return {"train": str(Path(targs.train).resolve()), "train_sha256": file_digest(targs.train),
+            "model": targs.model, "lora": targs.lora, **{name: getattr(config, name) for name in FINGERPRINT}}
 
 
-def resume_checkpoint(targs, config) -> str | None:
-    """The checkpoint to resume from. A path is taken as given; a bare
-    --resume_from_checkpoint (or "true") means the last in --out. Without it, re-running a
-    killed command continues from the last checkpoint in --out, but only if that run is
-    unfinished and had the same data, model and settings: anything else is an error
-    rather than a silent continuation of another run. --overwrite_output_dir removes an
-    earlier run's checkpoints and reports, then starts from step 0."""
-    from transformers.trainer_utils import get_last_checkpoint
+def resume_checkpoint(targs, config) -> tuple[str | None, list[Path], str]:
+    """The checkpoint to resume from, what in --out must go before training, and why.
 
+    A path is taken as given; a bare --resume_from_checkpoint (or "true") means the last
+    complete one in --out. Without it, re-running a killed command continues from the
+    last complete checkpoint in --out, but only if that run is unfinished and had the same
+    data (by content), model and settings: anything else is an error rather than a silent
+    continuation of another run, and a model in --out is not replaced unasked.
+    --overwrite_output_dir removes an earlier run's checkpoints and reports and starts from
+    step 0. A checkpoint whose save was cut short (no trainer_state.json) is removed. This
+    only decides: the caller removes once every check has passed."""
     named, out = config.resume_from_checkpoint, Path(config.output_dir)
+    complete, incomplete = checkpoints(out) if out.is_dir() else ([], [])
     if targs.overwrite_output_dir:
         if named is not None:
             raise ValueError("--overwrite_output_dir starts from step 0: drop --resume_from_checkpoint")
-        _remove_earlier_run(out)
-        return None
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        stale = complete + incomplete + [out / n for n in ("train_report.json", "eval_results.json", RUN_FILE)]
+        return None, [p for p in stale if p.exists()], ("--overwrite_output_dir: removed {n} checkpoint(s) and "
+                                                        "report(s) of an earlier run in {out}")
+    cut = (incomplete, "removed {names} in {out}: incomplete, its save was cut short")
+    last = str(complete[-1]) if complete else None
     if named is not None and str(named).lower() not in ("true", "1", "yes", "last"):
-        return named
+        if Path(named).is_dir() and not complete_checkpoint(named):
+            raise ValueError(f"--resume_from_checkpoint {named}: incomplete (no readable {TRAINER_STATE_NAME}; its "
+                             "save was cut short); give an earlier checkpoint")
+        return named, *cut
     if named is not None:
         if last is None:
-            raise ValueError(f"--resume_from_checkpoint: no checkpoint-N directory in --out {out}")
-        return last
-    if last is None:
-        if (out / "train_report.json").exists():  # a finished run saved without checkpoints
-            raise ValueError(f"--out {out} holds a finished run (train_report.json); --overwrite_output_dir "
-                             "replaces it, or give another --out")
-        return None
-    hint = "pass --resume_from_checkpoint to continue it anyway, --overwrite_output_dir to start over, or another --out"
-    if (out / "train_report.json").exists():
-        raise ValueError(f"--out {out} holds a finished run (train_report.json, {Path(last).name}); {hint}")
+            raise ValueError(f"--resume_from_checkpoint: no complete checkpoint-N directory in --out {out}")
+        return last, *cut
+    finished = (out / "train_report.json").exists()
     try:
         earlier = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         earlier = None
     now = json.loads(json.dumps(run_fingerprint(targs, config)))  # as it reads back from the file
+    if last is None:
+        if finished:  # a finished run saved without checkpoints
+            raise ValueError(f"--out {out} holds a finished run (train_report.json); --overwrite_output_dir "
+                             "replaces it, or give another --out")
+        held = [n for n in MODEL_FILES if (out / n).is_file()]
+        if held and earlier != now:  # not this run's own model, saved just before a kill
+            raise ValueError(f"--out {out} holds a model ({held[0]}); --overwrite_output_dir replaces it, or give "
+                             "another --out")
+        return None, *cut
+    hint = "pass --resume_from_checkpoint to continue it anyway, --overwrite_output_dir to start over, or another --out"
+    if finished:
+        raise ValueError(f"--out {out} holds a finished run (train_report.json, {Path(last).name}); {hint}")
     if earlier != now:
         differ = sorted(k for k in now if not isinstance(earlier, dict) or earlier.get(k) != now[k])
         raise ValueError(f"--out {out} holds checkpoints of another run (it differs in: "
                          f"{', '.join(differ) or 'unknown settings'}); {hint}")
-    return last
+    return last, *cut
 
 
-def _remove_earlier_run(out: Path) -> None:
-    import shutil
-
-    if not out.is_dir() or int(os.environ.get("RANK", "0")) != 0:  # one process cleans up
+def _remove(stale: list[Path], message: str, out: str) -> None:
+    if not stale or int(os.environ.get("RANK", "0")) != 0:  # one process cleans up
         return
-    stale = sorted(out.glob("checkpoint-*")) + [out / n for n in ("train_report.json", "eval_results.json", RUN_FILE)]
-    stale = [p for p in stale if p.exists()]
     for path in stale:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if stale:
-        print(f"--overwrite_output_dir: removed {len(stale)} checkpoint(s) and report(s) of an earlier run in {out}",
-              file=sys.stderr)
+    print(message.format(n=len(stale), names=", ".join(p.name for p in stale), out=out), file=sys.stderr)
 
 
 def _train(targs, config) -> int:
@@ -214,12 +231,20 @@ def _train(targs, config) -> int:
                                  "--model": model_inputs(targs.model, results=())},
                          outputs={"--out": [config.output_dir]})
     check_writable_dir(config.output_dir, "--out")
-    resume = resume_checkpoint(targs, config)
+    # A second run into the same --out would train beside this one and replace its model.
+    with output_lock(config.output_dir, "cattune train"):
+        return _train_locked(targs, config)
+
+
+def _train_locked(targs, config) -> int:
+    resume, stale, why = resume_checkpoint(targs, config)
     on_error = "skip" if targs.skip_invalid else "raise"
     train_records = load_records(targs.train, on_error=on_error)
     if not train_records:
         raise ValueError(f"{targs.train}: no records")
     eval_records = load_records(targs.eval, on_error=on_error) if targs.eval else None
+    if targs.eval and not eval_records:
+        raise ValueError(f"--eval {targs.eval}: no records")
     base_model = targs.model
     if targs.model:
         model, tokenizer = load_model(targs.model, trust_remote_code=targs.trust_remote_code)
@@ -231,13 +256,25 @@ def _train(targs, config) -> int:
             # The embedded model is built from the data, so an adapter alone could not be
             # loaded again: keep its (frozen) base beside it, referenced from cattune.json.
             base_model = str(Path(config.output_dir, "base_model").resolve())
-            if not resume:
-                model.save_pretrained(base_model)
-                tokenizer.save_pretrained(base_model)
-    if targs.lora:
-        model = lora_model(model, r=targs.lora_r, alpha=targs.lora_alpha, dropout=targs.lora_dropout)
-    trainer = CATTrainer(model=model, args=config, train_dataset=train_records, eval_dataset=eval_records,
-                         processing_class=tokenizer, base_model=base_model)
+    staged = None  # the embedded base, saved before LoRA wraps it, put in place once every check passed
+    if base_model != targs.model and not resume and int(os.environ.get("RANK", "0")) == 0:
+        staged = tempfile.mkdtemp(prefix=".base_model.", dir=config.output_dir)
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+    try:
+        if targs.lora:
+            model = lora_model(model, r=targs.lora_r, alpha=targs.lora_alpha, dropout=targs.lora_dropout)
+        trainer = CATTrainer(model=model, args=config, train_dataset=train_records, eval_dataset=eval_records,
+                             processing_class=tokenizer, base_model=base_model)
+    except BaseException:
+        if staged:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
+    # Every check has passed: only now is anything in --out removed or replaced.
+    _remove(stale, why, config.output_dir)
+    if staged:
+        shutil.rmtree(base_model, ignore_errors=True)
+        os.replace(staged, base_model)
     if trainer.is_world_process_zero():
         write_json(Path(config.output_dir) / RUN_FILE, run_fingerprint(targs, config))
         print(f"data: {json.dumps(trainer.encode_stats)}", file=sys.stderr)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..records import load_config_file
+from ..files import load_settings_file
 from ..shipped import is_builtin, shipped_file, shipped_names
 from ..tasks import Task, TaskError, get_task, load_task_file
 from .arms import ARMS
@@ -194,6 +194,8 @@ def parse_seeds(value: Any, where: str) -> list[int]:
     if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
         if len(set(value)) != len(value):
             raise ConfigError(f"{where}: seeds repeat: {value}")
+        if negative := [s for s in value if s < 0]:  # Python's random would take -3 as seed 3
+            raise ConfigError(f"{where}: seeds must be 0 or more, got {negative[0]}")
         return list(value)
     raise ConfigError(f"{where}: seeds must be a count or a non-empty list of integers, got {value!r}")
 
@@ -308,7 +310,7 @@ def _train_from(spec: Any, where: str, base_dir: Path, _seen: tuple = ()) -> dic
         raise ConfigError(f"{where}: train_from: {e}") from None
     if path.resolve() in _seen:
         raise ConfigError(f"{where}: train_from: {spec} leads back to itself")
-    data = load_config_file(path, error=ConfigError)
+    data = load_settings_file(path, error=ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping")
     train = _train_from(data.get("train_from"), str(path), path.parent, _seen + (path.resolve(),))
@@ -409,7 +411,7 @@ def _check_reference(ref: Any, where: str) -> None:
 def load_config(spec: str | os.PathLike) -> ExperimentConfig:
     """Read and check an experiment config (YAML or JSON; ``builtin:NAME`` for shipped ones)."""
     path = resolve_config_path(spec)
-    return parse_config(load_config_file(path, error=ConfigError), path)
+    return parse_config(load_settings_file(path, error=ConfigError), path)
 
 
 def plan(config: ExperimentConfig) -> list[RunSpec]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..files import output_lock
 from ..models import check_model_reference
 from ..records import Record, atomic_write_text
 from .arms import placebo_records
@@ -99,11 +101,23 @@ PARTIAL = ".{}.partial"  # a run's checkpoint directory, named by its run id
 ELAPSED = "cattune_train_seconds.json"  # in each checkpoint: training seconds up to it, over all resumptions
 
 
-def _resume_point(work: Path, settings: str) -> tuple[str | None, float]:
+def records_digest(records: list[Record]) -> str:
+    """The content of a run's training records: a task file changed at the same path is
+    other data, and a checkpoint trained on the old records must not be continued on it."""
+    from ..records import dumps_record
+
+    blob = "".join(dumps_record(r) + "\n" for r in records)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _resume_point(work: Path, settings: str, data: str) -> tuple[str | None, float]:
     """The last checkpoint in a run's directory, and the training seconds it holds;
-    (None, 0) if there is none, or it was written under other settings (then removed)."""
+    (None, 0) if there is none, or it was written under other settings or on other data
+    (then removed). The stamp is "SETTINGS DATA"; one written before the data was stamped
+    holds the settings alone."""
     stamp = work / "settings"
-    if work.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != settings):
+    written = stamp.read_text().split() if stamp.is_file() else []
+    if work.is_dir() and (written[:1] != [settings] or written[1:2] not in ([], [data])):
         shutil.rmtree(work, ignore_errors=True)
     checkpoints = sorted(work.glob("checkpoint-*"), key=lambda d: int(d.name.rpartition("-")[2])
                          if d.name.rpartition("-")[2].isdigit() else -1)
@@ -184,12 +198,13 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
         train = placebo_records(train, entry.task, seed=spec.seed, tokenizer=tok, counts=placebo_counts)
     args = train_args_for(config, entry, spec.arm)
     settings = settings_hash(config, entry, model_entry, spec.arm)
+    train_data = records_digest(data.train)
     resume, seconds_before = None, 0.0
     if config.checkpoint_minutes:
         work = out / PARTIAL.format(spec.run_id)
-        resume, seconds_before = _resume_point(work, settings)
+        resume, seconds_before = _resume_point(work, settings, train_data)
         work.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(work / "settings", settings + "\n")
+        atomic_write_text(work / "settings", f"{settings} {train_data}\n")
     else:
         work = Path(tempfile.mkdtemp(prefix=f".{spec.run_id}.", dir=out))
     try:
@@ -255,10 +270,11 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
         "steps": trainer.state.global_step,
         "final_loss": losses[-1] if losses else None,
         "final_train_attn_ratio": ratios[-1] if ratios else None,
-        "cat_gamma": args["cat_gamma"],
+        "cat_gamma": trainer.args.cat_gamma,  # CATConfig's default when the config sets none
         "placebo": placebo_counts or None,
         "encode": trainer.encode_stats.get("train"),
         "settings": settings,
+        "train_data": train_data,
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.time() - started, 1),
         "log": str(log_path.relative_to(out)),
@@ -334,6 +350,16 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike | None = Non
         raise ValueError(f"max_runs must be 0 or more, got {max_runs}")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out) if out is not None else config.output
+    if dry_run:
+        return _run_experiment(config, out, max_runs, dry_run, log, progress, jobs, only)
+    # A second runner on the same output would train every run again and append it twice.
+    with output_lock(out, "cattune experiment"):
+        return _run_experiment(config, out, max_runs, dry_run, log, progress, jobs, only)
+
+
+def _run_experiment(config: ExperimentConfig, out: Path, max_runs: int | None, dry_run: bool,
+                    log: Callable[[str], None], progress: bool, jobs: int,
+                    only: Callable[[RunSpec], bool] | None) -> ExperimentReport:
     results_path = out / RESULTS
     runs = [spec for spec in plan(config) if only is None or only(spec)]
     report = ExperimentReport(out=out, planned=runs)
