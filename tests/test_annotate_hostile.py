@@ -48,7 +48,7 @@ class Hostile:
     """/v1/chat/completions on 127.0.0.1; ``script[prompt]`` answers each request for a record.
 
     A script entry is a list of behaviours, one per request (then ``"good"``); a behaviour
-    is ``"good"`` or a function ``(request) -> (status, content type, body bytes)``.
+    is ``"good"`` or a function ``(request) -> (status, content type, body bytes[, headers])``.
     """
 
     def __init__(self, answers, script=None):
@@ -69,8 +69,10 @@ class Hostile:
                 request = {"body": body, "path": self.path, "auth": self.headers.get("Authorization", "")}
                 hostile.auth.add(request["auth"])
                 hostile.paths.add(self.path)
-                status, ctype, data = hostile.respond(request)
+                status, ctype, data, *headers = hostile.respond(request)  # then a dict of more headers
                 self.send_response(status)
+                for name, value in (headers[0] if headers else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -195,3 +195,103 @@ def test_a_key_of_three_characters_is_redacted_and_annotations_that_contain_it_s
     report = json.loads((tmp_path / "out.report.json").read_text())  # still the report's own field names
     assert report["failures"][0]["line"] == 1 and "Bearer ***" in report["failures"][0]["error"]
     assert Redactor(["k"])('{"k": "Bearer k"}') == '{"***": "Bearer ***"}'
+
+
+# --------------------------------------------------------------------------- 12, 14: numbers
+
+
+def test_retry_after_is_honoured_beyond_backoff_max_and_a_huge_one_fails_the_record(hostile, in_process, tmp_path):
+    records, answers = make_records(3)
+    prompts = [r["input"] for r in records]
+    seen = []
+
+    def busy(retry_after):
+        def behaviour(request):
+            seen.append(time.monotonic())
+            return 429, "application/json", b'{"error": {"message": "slow down"}}', {"Retry-After": retry_after}
+        return behaviour
+
+    server = hostile(answers, {prompts[0]: [busy("1.2")], prompts[1]: [busy("1e12")], prompts[2]: [busy("nan")]})
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    # FAST's --backoff-max is 0.05 s: the server's 1.2 s wins, as the docs promise.
+    code, _, err, seconds = in_process(*llm(server.url, inp, out, "--concurrency", "1"))
+    assert code == 3, err
+    assert server.requests[prompts[0]] == 2 and seconds >= 1.2
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert [f["line"] for f in report["failures"]] == [2]  # asked to wait 1e12 s: failed at once
+    assert "asks to wait 1e+12 s" in report["failures"][0]["error"]
+    assert server.requests[prompts[1]] == 1 and server.requests[prompts[2]] == 2  # "nan": the backoff's wait
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--max-tokens", "-5"), ("--temperature", "-3"), ("--top-p", "5"), ("--temperature", "nan"),
+    ("--backoff-max", "nan"), ("--backoff-base", "inf"), ("--backoff-max", "inf"), ("--timeout", "inf"),
+    ("--max-retries", "-1"), ("--reply-retries", "1e9"), ("--concurrency", "0"), ("--limit", "-1"),
+])
+def test_number_options_out_of_range_are_refused_before_any_request(hostile, in_process, tmp_path, option, value):
+    records, answers = make_records(1)
+    server = hostile(answers)
+    write_jsonl(tmp_path / "in.jsonl", records)
+    code, _, err, _ = in_process(*llm(server.url, tmp_path / "in.jsonl", tmp_path / "out.jsonl", option, value))
+    assert code == 2 and "Traceback" not in err
+    assert f"argument {option}: must be " in err and repr(value) in err
+    assert not server.requests and not (tmp_path / "out.jsonl").exists()
+
+
+def test_check_refuses_a_max_length_of_0(in_process, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", make_records(1)[0])
+    code, _, err, _ = in_process("--check", "--input", tmp_path / "in.jsonl", "--max-length", "0")
+    assert code == 2 and "argument --max-length: must be an integer >= 1, got '0'" in err
+
+
+def test_the_library_refuses_the_same_numbers():
+    from cattune.annotate.llm import LLMAnnotator, make_client
+
+    client = make_client("http://127.0.0.1:9/v1", timeout=5)
+    for bad in ({"backoff_max": float("nan")}, {"backoff_base": float("inf")}, {"temperature": -3},
+                {"top_p": 5}, {"max_tokens": -5}, {"max_retries": -1}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+            LLMAnnotator(client, "m", [], **bad)
+
+
+def test_token_counts_that_are_not_counts_are_left_out_and_counted(hostile, in_process, tmp_path):
+    records, answers = make_records(3)
+    prompts = [r["input"] for r in records]
+
+    def usage(prompt, prompt_tokens):
+        reply = completion(json.dumps(answers[prompt]))
+        reply["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": 5, "total_tokens": 0}
+        return lambda request: as_json(200, reply)
+
+    server = hostile(answers, {p: [usage(p, n)] for p, n in zip(prompts, [-1_000_000, 100, "many"])})
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    assert in_process(*llm(server.url, inp, out))[0] == 0
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["tokens"] == {"prompt": 100, "completion": 5, "total": 105}
+    assert report["replies_with_bad_usage"] == 2
+
+
+# --------------------------------------------------------------------------- 13: one line, not a traceback
+
+
+@pytest.mark.parametrize("key", ["{target.x}", "{target[0]}", "{target!r}", "{target:>99999999999}", "{0}"])
+def test_a_rule_key_with_more_than_target_or_prompt_is_one_line(in_process, tmp_path, key):
+    write_jsonl(tmp_path / "in.jsonl", make_records(2)[0])
+    (tmp_path / "rules.json").write_text(json.dumps({"key": key, "values": ["\\d+ apples"]}))
+    code, _, err, _ = in_process("--input", tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl",
+                                 "--rule", tmp_path / "rules.json", "--no-progress")
+    assert code == 1 and "bad key template" in one_line_error(err) and "rules.json" in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_output_line_nested_100k_deep_is_one_line_with_file_and_line(hostile, in_process, tmp_path):
+    records, answers = make_records(2)
+    server = hostile(answers)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, records)
+    out.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    code, _, err, _ = in_process(*llm(server.url, inp, out))
+    assert code == 1 and f"{out}:1: nested more than" in one_line_error(err)
+    assert not server.requests

@@ -307,3 +307,44 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
         assert stat.S_IMODE(existing.stat().st_mode) == 0o640
     finally:
         os.umask(umask)
+
+
+# --- issue 34: nesting, non-finite numbers, numbers as written ---------------------------
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ('{"input": "p ", "target": "t", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested more than 100 levels"),
+    ('{"input": "p ", "target": "t", "x": ' + "[" * 150 + "]" * 150 + "}", "nested more than 100 levels"),
+    ('{"input": "p ", "target": "t", "x": NaN}', "NaN is a non-finite number"),
+    ('{"input": "p ", "target": "t", "x": {"y": -Infinity}}', "-Infinity is a non-finite number"),
+    ('{"input": "p ", "target": "t", "x": 1e400}', "too large for a float"),
+])
+def test_deep_nesting_and_non_finite_numbers_are_a_broken_line_that_can_be_skipped(tmp_path, bad, reason):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([GOOD, bad, GOOD]) + "\n")
+    with pytest.raises(RecordError) as info:
+        load_records(path)
+    assert str(info.value).startswith(f"{path}:2: ") and reason in str(info.value)
+    assert len(load_records(path, on_error="skip")) == 2
+
+
+def test_a_number_keeps_the_text_it_was_written_with(tmp_path):
+    src = write_lines(tmp_path / "in.jsonl", [
+        '{"input": "p ", "target": 100000000000000000000000.0, "w": 0.10}',
+        '{"input": "p ", "target": 0.10}',
+        '{"input": "p ", "target": 80.0}',
+    ])
+    records = load_records(src)
+    assert [r.target for r in records] == ["100000000000000000000000.0", "0.10", "80.0"]
+    save_records(tmp_path / "out.jsonl", records)
+    assert [r.target for r in load_records(tmp_path / "out.jsonl")] == [r.target for r in records]
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [w["target"] for w in written] == ["100000000000000000000000.0", "0.10", 80.0]
+    assert written[0]["w"] == 0.1
+
+
+def test_a_nan_set_in_code_is_refused_when_written_not_written_as_non_json(tmp_path):
+    record = Record(prompt="p ", target="t", meta={"score": float("nan")})
+    with pytest.raises(ValueError, match="NaN or Infinity"):
+        save_records(tmp_path / "out.jsonl", [record])
+    assert not (tmp_path / "out.jsonl").exists()

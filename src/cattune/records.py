@@ -47,11 +47,13 @@ class Record:
         out: dict[str, Any] = dict(self.meta)
         out["input"] = self.prompt
         out["target"] = self.target
-        if self.target_json is not None:
+        # The number is written back while JSON writes it as the target's text (80.0, 8);
+        # 100000000000000000000000.0 would come out as 1e+23, so it stays the text.
+        if isinstance(self.target_json, (int, float)) and not isinstance(self.target_json, bool):
             try:
-                if _format_target(self.target_json) == self.target:
+                if json.dumps(self.target_json, allow_nan=False) == self.target:
                     out["target"] = self.target_json
-            except TypeError:
+            except ValueError:
                 pass
         if self.important:
             out["important"] = [{key: list(values)} for key, values in self.important]
@@ -63,7 +65,31 @@ class Record:
 def _format_target(value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         raise TypeError("a non-finite number")
-    return scalar_text(value)
+    return getattr(value, "text", None) or scalar_text(value)
+
+
+class JSONFloat(float):
+    """A JSON number with a fraction or exponent that remembers how it was written: a
+    target ``100000000000000000000000.0`` keeps that text (``repr`` gives ``1e+23``)."""
+
+    __slots__ = ("text",)
+
+
+def _parse_float(text: str) -> JSONFloat:
+    number = JSONFloat(text)
+    if not math.isfinite(number):  # 1e400: JSON text, but no float holds it
+        raise ValueError(f"the number {text[:40]} is too large for a float (it reads as {number})")
+    number.text = text
+    return number
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is a non-finite number, which JSON does not allow (write it as a string or null)")
+
+
+# Nesting a record may have: "important" needs 3 levels. JSON nested 100k deep (a hostile
+# or broken line) stops here, instead of at the end of Python's stack.
+MAX_DEPTH = 100
 
 
 def normalize_important(raw: Any) -> Annotation:
@@ -150,10 +176,13 @@ def _decode_lines(path: Path) -> Iterator[tuple[int, str | UnicodeDecodeError]]:
             yield lineno, e
 
 
-def _check_unicode(obj: Any) -> Any:
+def _check_unicode(obj: Any, depth: int = 0) -> Any:
     """Reject lone surrogates (``"\\ud800"`` parses, but no tokenizer or file can encode
     it) and bring text to NFC, so that an annotation typed in another normalisation form
-    than the prompt (e.g. NFD from macOS) still matches it."""
+    than the prompt (e.g. NFD from macOS) still matches it. Refuse nesting deeper than
+    ``MAX_DEPTH``."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
     if isinstance(obj, str):
         try:
             obj.encode("utf-8")
@@ -162,9 +191,9 @@ def _check_unicode(obj: Any) -> Any:
                              "not valid Unicode") from None
         return unicodedata.normalize("NFC", obj) if not obj.isascii() else obj
     if isinstance(obj, list):
-        return [_check_unicode(v) for v in obj]
+        return [_check_unicode(v, depth + 1) for v in obj]
     if isinstance(obj, dict):
-        out = {_check_unicode(k): _check_unicode(v) for k, v in obj.items()}
+        out = {_check_unicode(k, depth + 1): _check_unicode(v, depth + 1) for k, v in obj.items()}
         if len(out) != len(obj):
             raise ValueError("two keys differ only in Unicode normalisation (NFC vs NFD)")
         return out
@@ -204,11 +233,19 @@ def iter_json_lines(path: str | os.PathLike, parse=record_from_json,
 def _parse_line(line: str | UnicodeDecodeError) -> Any:
     if isinstance(line, UnicodeDecodeError):
         raise ValueError(f"not UTF-8 (byte 0x{line.object[line.start]:02x} at column {line.start + 1})")
+    return _check_unicode(loads_line(line))
+
+
+def loads_line(line: str) -> Any:
+    """One JSONL line, as strictly as JSON says: ``ValueError`` for a syntax error, a
+    duplicate key, NaN or Infinity, or nesting deeper than Python's stack allows."""
     try:
-        obj = json.loads(line, object_pairs_hook=_reject_duplicate_keys)
+        return json.loads(line, object_pairs_hook=_reject_duplicate_keys, parse_float=_parse_float,
+                          parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    return _check_unicode(obj)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_DEPTH} levels deep") from None
 
 
 def iter_records(path: str | os.PathLike, with_lines: bool = False, on_error: str = "raise") -> Iterator:
@@ -291,7 +328,10 @@ def load_config_file(path: str | os.PathLike, error: type[Exception] = ValueErro
 
 
 def dumps_record(record: Record) -> str:
-    return json.dumps(record.to_json(), ensure_ascii=False)
+    try:
+        return json.dumps(record.to_json(), ensure_ascii=False, allow_nan=False)
+    except ValueError:  # a NaN set in code: JSON has no way to write it
+        raise ValueError(f"record {record.prompt[:40]!r}...: a field holds NaN or Infinity, which JSON cannot hold") from None
 
 
 def save_records(path: str | os.PathLike, records: Iterable[Record]) -> None:

@@ -24,6 +24,7 @@ through a ``Redactor`` holding the API key and the base URL's credentials.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -66,6 +67,32 @@ JSON_SCHEMA_FORMAT: dict[str, Any] = {
 _FORMAT_REFUSAL = re.compile(r"response[_ ]?format|json[_ ]?schema|structured[_ ]output", re.I)
 
 
+# The longest wait between retries a user may set, and the longest Retry-After honoured:
+# a server asking for more (a daily quota, or a hostile 1e12) fails the record now.
+MAX_WAIT_S = 3600.0
+MAX_RETRIES = 100
+
+
+def check_number(name: str, value: Any, low: float, high: float | None = None, *, integer: bool = False,
+                 above: bool = False, unit: str = "", shown: str | None = None) -> Any:
+    """``value`` if it is a finite number (an int with ``integer``) from ``low`` (excluded
+    with ``above``) to ``high``; else ``ValueError``: "NAME must be ..., got VALUE" (or ``shown``)."""
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    ok = ok and (integer or math.isfinite(value)) and (value > low if above else value >= low)
+    ok = ok and (high is None or value <= high)
+    if not ok:
+        if above and low == 0:
+            what = f"{'a positive integer' if integer else 'a positive number'}{unit}"
+            what += f" up to {high:g}" if high is not None else ""
+        elif high is None:
+            what = f"{kind}{unit} >= {low:g}"
+        else:
+            what = f"{kind}{unit} from {low:g} to {high:g}"
+        raise ValueError(f"{name + ' ' if name else ''}must be {what}, got {shown or repr(value)}")
+    return value
+
+
 # Nothing listens at the base URL (closed port, unknown host): a setup error, so only a
 # few quick retries, enough to ride out a server restart, and never the long backoff.
 CONNECT_RETRIES = 2
@@ -104,13 +131,17 @@ class Outcome:
     rejected: bool = False  # the endpoint rejected this record's request (400, 413, 422)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    bad_usage: int = 0  # replies whose token counts were not counts (negative, text, ...): not summed
 
     def add_usage(self, usage: Any) -> None:
         if usage is None:
             return
-        for name in ("prompt_tokens", "completion_tokens"):
-            n = getattr(usage, name, None)
-            if isinstance(n, int):
+        counts = [getattr(usage, name, None) for name in ("prompt_tokens", "completion_tokens")]
+        if not all(n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 0) for n in counts):
+            self.bad_usage += 1
+            return
+        for name, n in zip(("prompt_tokens", "completion_tokens"), counts):
+            if n is not None:
                 setattr(self, name, (getattr(self, name) or 0) + n)
 
 
@@ -139,12 +170,14 @@ def _refuses_response_format(err: Exception) -> bool:
 
 
 def _retry_after(err: Exception) -> float | None:
+    """The seconds a Retry-After header asks for; None without one, or for "nan"."""
     response = getattr(err, "response", None)
     value = response.headers.get("retry-after") if response is not None else None
     try:
-        return max(0.0, float(value)) if value is not None else None
+        seconds = float(value) if value is not None else None
     except ValueError:
         return None  # an HTTP date: rare from these servers, the backoff will do
+    return max(0.0, seconds) if seconds is not None and not math.isnan(seconds) else None
 
 
 def make_client(base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
@@ -284,10 +317,16 @@ class LLMAnnotator:
         stop: threading.Event | None = None,
         log: Callable[[str], None] | None = None,
     ):
-        if reply_retries < 0 or max_retries < 0:
-            raise ValueError("retry counts must be >= 0")
-        if backoff_base < 0 or backoff_max < 0:
-            raise ValueError("backoff times must be >= 0")
+        check_number("reply_retries", reply_retries, 0, MAX_RETRIES, integer=True)
+        check_number("max_retries", max_retries, 0, MAX_RETRIES, integer=True)
+        check_number("backoff_base", backoff_base, 0, MAX_WAIT_S, unit=" of seconds")
+        check_number("backoff_max", backoff_max, 0, MAX_WAIT_S, unit=" of seconds")
+        if temperature is not None:
+            check_number("temperature", temperature, 0, 2)
+        if top_p is not None:
+            check_number("top_p", top_p, 0, 1)
+        if max_tokens is not None:
+            check_number("max_tokens", max_tokens, 0, integer=True, above=True)
         if structured not in STRUCTURED_MODES:
             raise ValueError(f"structured must be one of {', '.join(STRUCTURED_MODES)}, got {structured!r}")
         self.client = client
@@ -440,14 +479,17 @@ class LLMAnnotator:
                     raise EndpointError(f"cannot connect to {self.endpoint}: {refused} ({attempt + 1} attempts); "
                                         "is the server running? Check --base-url")
                 raise RequestFailed(f"{_describe(error, self.redact)} after {attempt + 1} requests")
+            hinted = _retry_after(error)
+            if hinted is not None and hinted > MAX_WAIT_S:
+                raise RequestFailed(f"{_describe(error, self.redact)}; the endpoint asks to wait {hinted:g} s "
+                                    f"(Retry-After), longer than cattune waits ({MAX_WAIT_S:g} s)")
             outcome.api_retries += 1
-            delay = min(self.backoff_max, self.backoff_base * 2**attempt)
+            delay = min(self.backoff_max, self.backoff_base * 2 ** min(attempt, 60))
             if refused:
                 delay = min(delay, CONNECT_BACKOFF_MAX)
             delay = delay * (0.5 + 0.5 * random.random())  # spread out threads that failed together
-            hinted = _retry_after(error)
-            if hinted is not None:
-                delay = max(delay, min(hinted, self.backoff_max))
+            if hinted is not None:  # the server's wait, in full, even beyond --backoff-max
+                delay = max(delay, hinted)
             if isinstance(error, openai.RateLimitError):
                 self._pause.push(delay)
             elif self.stop.wait(delay):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..files import check_distinct_paths, check_writable_file
-from ..records import Annotation, Record, RecordError, atomic_write_text, dumps_record
+from ..records import Annotation, Record, RecordError, atomic_write_text, dumps_record, loads_line
 
 ID_KEY = "cat_id"  # meta field holding the record's id in the output
 EMPTY_REASON_KEY = "cat_empty_reason"  # meta field saying why an annotation is empty
@@ -126,21 +126,21 @@ def _scan_output(path: Path, prompts: dict[Any, str], input_path: Path, redo_emp
     if tail.strip():
         # An interrupted write leaves a line without its newline: keep it only if whole.
         try:
-            obj = json.loads(tail.decode("utf-8"))
+            obj = loads_line(tail.decode("utf-8"))
             if isinstance(obj, dict) and obj.get(ID_KEY) in prompts and obj.get("input") == prompts[obj[ID_KEY]]:
                 lines.append(tail.decode("utf-8"))
                 state.tail_kept = True
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except ValueError:  # UnicodeDecodeError is one
             pass
 
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
+            obj = loads_line(line)
+        except ValueError as e:
             raise RecordError(
-                f"{path}:{lineno}: not valid JSON ({e.msg}); only a last line can be left half-written "
+                f"{path}:{lineno}: {e}; only a last line can be left half-written "
                 "by an interrupted run, so fix or delete this line (or use --overwrite)"
             ) from None
         record_id = obj.get(ID_KEY) if isinstance(obj, dict) else None

@@ -39,7 +39,7 @@ class _Tally:
 
     def __init__(self):
         self.annotated = self.empty = self.failed = self.rejected = self.kept_existing = 0
-        self.retried = self.requests = self.api_retries = self.bad_replies = 0
+        self.retried = self.requests = self.api_retries = self.bad_replies = self.bad_usage = 0
         self.pairs_kept = self.repaired = 0
         self.dropped: Counter[str] = Counter()
         self.prompt_tokens: int | None = None
@@ -51,6 +51,7 @@ class _Tally:
         self.requests += outcome.requests
         self.api_retries += outcome.api_retries
         self.bad_replies += outcome.bad_replies
+        self.bad_usage += outcome.bad_usage
         self.retried += outcome.requests > 1
         self.repaired += outcome.repaired
         self.dropped.update(reason for _, _, reason in outcome.dropped)
@@ -86,6 +87,7 @@ class _Tally:
             "spans_repaired": self.repaired,
             "dropped_spans": {"total": sum(self.dropped.values()), "by_reason": dict(self.dropped.most_common())},
             "tokens": self.tokens(),
+            "replies_with_bad_usage": self.bad_usage,  # token counts that were not counts, left out of "tokens"
             "failures": self.failures[:50],
         }
 

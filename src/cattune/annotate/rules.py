@@ -10,9 +10,28 @@ A file passed to ``cattune annotate --rule`` holds one rule object or a list of 
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 
 from ..records import Annotation, Record, load_config_file
+
+
+def _check_template(i: int, template: str) -> None:
+    """Refuse a key template with fields other than ``{target}`` and ``{prompt}``: an
+    unknown name, a stray brace, and also ``{target.x}``, ``{target[0]}``, ``{target!r}``
+    or ``{target:>99999999}``, which fail or blow up on some record, not on the first."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        problem = str(e)
+    else:
+        bad = [(name, spec, conv) for name, spec, conv in fields if name not in ("target", "prompt") or spec or conv]
+        if not bad:
+            return
+        name, spec, conv = bad[0]
+        problem = "field {" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+    raise ValueError(f"rule {i}: bad key template {template!r} ({problem}); it may use {{target}} and {{prompt}} "
+                     "as they are, literal braces are written {{ }}")
 
 
 class RuleAnnotator:
@@ -38,13 +57,7 @@ class RuleAnnotator:
                 patterns = [re.compile(v) for v in values]
             except re.error as e:
                 raise ValueError(f"rule {i}: bad regex: {e}") from None
-            try:  # fail here, not on the first record, for "{answer}" or a stray "{"
-                str(rule["key"]).format(target="", prompt="")
-            except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(
-                    f"rule {i}: bad key template {rule['key']!r} ({type(e).__name__}: {e}); "
-                    "it may use {target} and {prompt}, literal braces are written {{ }}"
-                ) from None
+            _check_template(i, rule["key"])  # here, not on the first record
             self.rules.append((str(rule["key"]), patterns))
 
     def annotate(self, record: Record) -> Annotation:

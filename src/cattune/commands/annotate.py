@@ -18,13 +18,14 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import warnings
 from typing import Any, Callable
 
-from ..annotate.llm import STRUCTURED_MODES, EndpointError, LLMAnnotator, Outcome, make_client
+from ..annotate.llm import (
+    MAX_RETRIES, MAX_WAIT_S, STRUCTURED_MODES, EndpointError, LLMAnnotator, Outcome, check_number, make_client,
+)
 from ..annotate.output import check_paths, lock_path_for, report_path_for, work_path_for
 from ..annotate.pipeline import annotate_file, check_alignment, rules_annotator
 from ..annotate.prompt import load_demos, load_instructions, read_records
@@ -69,23 +70,22 @@ def _run_check(args) -> int:
 # --------------------------------------------------------------------------- CLI
 
 
-def _float_or_none(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+def _number(integer: bool = False, low: float = 0, high: float | None = None, *, above: bool = False,
+            unit: str = "", none: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite number in range (``check_number``); ``none``: or 'none'."""
+    def parse(text: str):
+        if none and text.lower() == "none":
+            return None
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = text
+        try:
+            return check_number("", value, low, high, integer=integer, above=above, unit=unit, shown=repr(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e}; 'none' sends none" if none else str(e)) from None
 
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,12 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(shipped math word problems); every demo pair must be valid (default: none, zero-shot)")
     llm.add_argument("--instructions", default="builtin:generic", metavar="FILE",
                      help="task instructions (Markdown), or builtin:generic / builtin:math (default: %(default)s)")
-    llm.add_argument("--temperature", metavar="T", type=_float_or_none, default=0.9,
+    llm.add_argument("--temperature", metavar="T", type=_number(low=0, high=2, none=True), default=0.9,
                      help="sampling temperature; 'none' sends none, for models that refuse it "
                      "(default: %(default)s, as the paper's release)")
-    llm.add_argument("--top-p", metavar="P", type=_float_or_none, default=0.7,
+    llm.add_argument("--top-p", metavar="P", type=_number(low=0, high=1, none=True), default=0.7,
                      help="nucleus sampling top_p; 'none' sends none (default: %(default)s, as the paper's release)")
-    llm.add_argument("--max-tokens", metavar="N", type=int, default=1024,
+    llm.add_argument("--max-tokens", metavar="N", type=_number(integer=True), default=1024,
                      help="reply length limit (max_tokens); 0 sends none (default: %(default)s)")
     llm.add_argument("--structured", choices=STRUCTURED_MODES, default="auto",
                      help="ask for replies matching a JSON schema of the annotation (response_format json_schema): "
@@ -141,15 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--json-mode", action="store_true", help="ask for response_format json_object whenever "
                      "json_schema is not sent (--structured off, or after an 'auto' fallback); OpenAI, vLLM and "
                      "Ollama support it (default: off)")
-    llm.add_argument("--timeout", metavar="SECONDS", type=_positive_seconds, default=120.0, help="seconds before a request counts as timed out "
+    llm.add_argument("--timeout", metavar="SECONDS", type=_number(above=True, high=MAX_WAIT_S, unit=" of seconds"), default=120.0, help="seconds before a request counts as timed out "
                      "and is retried (default: %(default)s)")
-    llm.add_argument("--concurrency", metavar="N", type=int, default=4, help="requests in flight at once (default: %(default)s)")
-    llm.add_argument("--max-retries", metavar="N", type=int, default=6, help="retries of a request after 429, 5xx, timeout or "
+    llm.add_argument("--concurrency", metavar="N", type=_number(integer=True, low=1, high=1024), default=4, help="requests in flight at once (default: %(default)s)")
+    llm.add_argument("--max-retries", metavar="N", type=_number(integer=True, high=MAX_RETRIES), default=6, help="retries of a request after 429, 5xx, timeout or "
                      "connection errors; then the record is left out and reported as failed (default: %(default)s)")
-    llm.add_argument("--backoff-base", metavar="SECONDS", type=float, default=1.0, help="seconds before the first retry, doubled each "
+    llm.add_argument("--backoff-base", metavar="SECONDS", type=_number(high=MAX_WAIT_S, unit=" of seconds"), default=1.0, help="seconds before the first retry, doubled each "
                      "time, with jitter; a Retry-After header is honoured (default: %(default)s)")
-    llm.add_argument("--backoff-max", metavar="SECONDS", type=float, default=60.0, help="longest wait between retries, in seconds (default: %(default)s)")
-    llm.add_argument("--reply-retries", metavar="N", type=int, default=2, help="times a record is asked again when the reply is "
+    llm.add_argument("--backoff-max", metavar="SECONDS", type=_number(high=MAX_WAIT_S, unit=" of seconds"), default=60.0, help="longest wait between retries, in seconds (default: %(default)s)")
+    llm.add_argument("--reply-retries", metavar="N", type=_number(integer=True, high=MAX_RETRIES), default=2, help="times a record is asked again when the reply is "
                      "unparseable or has no valid pair; then it is written with an empty annotation and the reason "
                      "in 'cat_empty_reason' (default: %(default)s)")
     llm.add_argument("--show-prompt", action="store_true", help="print the chat messages for the first record "
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "with an empty annotation")
     run.add_argument("--keep-existing", action="store_true", help="copy records that already have an 'important' "
                      "instead of annotating them again")
-    run.add_argument("--limit", type=int, metavar="N", help="annotate only the first N records (try a prompt cheaply; "
+    run.add_argument("--limit", type=_number(integer=True), metavar="N", help="annotate only the first N records (try a prompt cheaply; "
                      "default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: a BPE tokenizer trained on the input, see --tokenizer-kind)")
     chk.add_argument("--tokenizer-kind", choices=("bytelevel", "metaspace"), default="bytelevel",
                      help="kind of tokenizer trained when --tokenizer is not given (default: %(default)s)")
-    chk.add_argument("--max-length", metavar="N", type=int, default=DEFAULT_MAX_LENGTH,
+    chk.add_argument("--max-length", metavar="N", type=_number(integer=True, low=1), default=DEFAULT_MAX_LENGTH,
                      help="truncate records to this many tokens, as training does (default: training's, %(default)s)")
     chk.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
                      help="which tokens of a value become columns, as in training (default: %(default)s)")
@@ -287,8 +287,6 @@ def _run(args, redact: Redactor) -> int:
         raise ValueError("--rule annotates without an LLM: drop --model/--demos, or drop --rule")
     if not args.rule and not args.model:
         raise ValueError("give --model (assistant LLM, with --demos), --rule FILE, or --check")
-    if args.limit is not None and args.limit < 0:
-        raise ValueError("--limit must be >= 0")
     if args.output:
         # Before anything is read or sent: a report written over the output, the input or
         # the demos would replace it at the very end of a paid-for run. annotate_file
