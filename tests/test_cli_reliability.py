@@ -458,3 +458,22 @@ def test_issue_34_mistakes_are_one_line_errors(data, tmp_path, argv, files, mess
         (tmp_path / name).write_text(fill(text))
     fails(cli(*[str(tmp_path / a) if a in files else fill(a) for a in argv]), message)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "cannot load model"),
+    ({"cat_layers": "abc"}, "cattune.json: cat_layers must be a list of layer indices, got 'abc'"),
+    ({"max_length": -1}, "cattune.json: max_length must be an integer, at least 2, got -1"),
+    ({"chat_template": "no"}, "cattune.json: chat_template must be true or false"),
+])
+def test_a_damaged_model_directory_is_a_one_line_error(model, data, tmp_path, damage, message):
+    broken = tmp_path / "m"
+    shutil.copytree(model, broken)
+    if damage == "truncate":  # a copy cut short
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        info = json.loads((broken / "cattune.json").read_text())
+        (broken / "cattune.json").write_text(json.dumps({**info, **damage}))
+    fails(cli("eval", "--model", broken, "--data", data / "test.jsonl", "--out", tmp_path / "r.json"), message)
+    assert not (tmp_path / "r.json").exists()

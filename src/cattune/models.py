@@ -27,12 +27,14 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .masks import SPAN_COLUMNS
 from .shipped import BUILTIN_PREFIX, builtin_name, is_builtin
 
 logger = logging.getLogger(__name__)
@@ -245,7 +247,27 @@ def read_training_info(model_dir: str | os.PathLike) -> dict:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"{path}: unreadable ({e})") from None
-    return info if isinstance(info, dict) else {}
+    if not isinstance(info, dict):
+        return {}
+    for name, ok, expected in _RECORDED_CHECKS:  # read as settings later: a wrong one fails here, in one line
+        if info.get(name) is not None and not ok(info[name]):
+            raise ModelError(f"{path}: {name} must be {expected}, got {info[name]!r}; fix it or delete the file")
+    return info
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_RECORDED_CHECKS = (
+    ("chat_template", lambda v: isinstance(v, bool), "true or false"),
+    ("cat_span_columns", lambda v: v in SPAN_COLUMNS, f"one of {', '.join(SPAN_COLUMNS)}"),
+    ("cat_layers", lambda v: isinstance(v, list) and v != [] and all(map(_int, v)), "a list of layer indices"),
+    ("max_length", lambda v: _int(v) and v >= 2, "an integer, at least 2"),
+    ("cat_alpha", lambda v: isinstance(v, (int, float)) and math.isfinite(v), "a finite number"),
+    ("cat_gamma", lambda v: isinstance(v, (int, float)) and math.isfinite(v), "a finite number"),
+    ("base_model", lambda v: isinstance(v, str), "a model reference"),
+)
 
 
 # CATConfig fields that decide how records are encoded and which attention is measured:
@@ -270,6 +292,7 @@ def load_model(reference: str, trust_remote_code: bool = False, torch_dtype: str
     A LoRA adapter directory saved by ``cattune train`` loads its base model through the
     reference recorded in its ``cattune.json`` (a built-in name works on any machine).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .attention import use_row_probe
@@ -296,7 +319,7 @@ def load_model(reference: str, trust_remote_code: bool = False, torch_dtype: str
         else:
             tokenizer = AutoTokenizer.from_pretrained(path, **kw)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # the last: a weights file cut short or damaged
         hint = "" if local else " (not a local directory; hub ids need network access)"
         raise ModelError(f"cannot load model {reference!r}{hint}: {e}") from None
     use_row_probe(model)

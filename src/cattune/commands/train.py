@@ -237,7 +237,6 @@ def _train(targs, config) -> int:
 
 
 def _train_locked(targs, config) -> int:
-    resume, stale, why = resume_checkpoint(targs, config)
     on_error = "skip" if targs.skip_invalid else "raise"
     train_records = load_records(targs.train, on_error=on_error)
     if not train_records:
@@ -245,6 +244,7 @@ def _train_locked(targs, config) -> int:
     eval_records = load_records(targs.eval, on_error=on_error) if targs.eval else None
     if targs.eval and not eval_records:
         raise ValueError(f"--eval {targs.eval}: no records")
+    resume, stale, why = resume_checkpoint(targs, config)
     base_model = targs.model
     if targs.model:
         model, tokenizer = load_model(targs.model, trust_remote_code=targs.trust_remote_code)
