@@ -29,6 +29,12 @@ RANGES = (
     ("adam_epsilon", lambda v: v > 0, "> 0"),
     ("label_smoothing_factor", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("dataloader_num_workers", lambda v: v >= 0, "0 or more"),
+    # The Trainer takes step % interval: 0 fails hours in, a negative one means nothing.
+    ("logging_steps", lambda v: v > 0, "> 0 (below 1: a fraction of the training steps)"),
+    ("save_steps", lambda v: v > 0, "> 0 (below 1: a fraction of the training steps)"),
+    ("eval_steps", lambda v: v > 0, "> 0 (below 1: a fraction of the training steps)"),
+    ("save_total_limit", lambda v: v >= 1, "at least 1 (unset keeps every checkpoint)"),
+    ("max_steps", lambda v: v > 0 or v == -1, "> 0, or -1 to train num_train_epochs"),
 )
 
 

@@ -68,6 +68,13 @@ class TrainArguments:
     )
 
 
+    def __post_init__(self):
+        if self.lora_r < 1 or self.lora_alpha <= 0:
+            raise ValueError(f"lora_r must be at least 1 and lora_alpha > 0, got {self.lora_r} and {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:  # nan fails this too
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
 class _Parser(HfArgumentParser):
     def error(self, message):  # the usage of every TrainingArguments field is 120 lines: it would bury the error
         self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists the options)\n")
