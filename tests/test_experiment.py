@@ -40,7 +40,7 @@ def micro(tmp_path: Path, **over) -> Path:
             {"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 16, "test_limit": 6},
             {"task": "SVAMP", "files": {"train": str(DATA / "svamp_train_annotated.jsonl"),
                                         "test": str(DATA / "svamp_test.jsonl")},
-             "train_limit": 16, "test_limit": 6},
+             "test": ["test"], "train_limit": 16, "test_limit": 6},  # not the task's own ood split
         ],
     }
     cfg.update(over)
@@ -487,6 +487,7 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     assert _resume_point(work, "abc", "d1") == (str(work / "checkpoint-2"), 5.0)
     (work / "checkpoint-4").mkdir()  # killed while saving: no time file yet
     assert _resume_point(work, "abc", "d1")[0] == str(work / "checkpoint-2")
+    assert not (work / "checkpoint-4").exists()  # else the Trainer's rotation would keep it, not checkpoint-2
     (work / "settings").write_text("abc d1\n")
     assert _resume_point(work, "abc", "d1")[0] == str(work / "checkpoint-2")
     assert _resume_point(work, "abc", "d2") == (None, 0.0) and not work.exists()  # the task file changed
@@ -586,3 +587,9 @@ def test_a_train_block_without_cat_gamma_takes_catconfigs_default(tmp_path):
     assert report.complete
     gammas = {r["arm"]: r["cat_gamma"] for r in lines(tmp_path / "out" / "results.jsonl")}
     assert gammas == {"baseline": 0.0, "cat": 1.0}
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), float("inf"), -1.0])
+def test_compare_refuses_a_tolerance_that_passes_everything(tolerance):
+    with pytest.raises(ValueError, match="tolerance must be a number of points"):
+        experiment.compare_results([], [], tolerance)

@@ -272,6 +272,8 @@ def compare_results(results: list[dict], reference: list[dict], tolerance: float
     (a committed grid) and the difference in points. Returns the Markdown and how many
     differ by more than ``tolerance`` points. Runs whose settings hashes differ trained
     something else: they are listed, not compared."""
+    if not 0 <= tolerance < math.inf:  # nan compares False with every difference: all would pass
+        raise ValueError(f"tolerance must be a number of points, 0 or more, got {tolerance}")
     ref = {(r["task"], r["model"], r["arm"], int(r["seed"])): r for r in reference}
     head = ["task", "model", "seed", "arm", "test", "here", "reference", "difference", "CPU kernels (here / reference)"]
     rows, other_settings, over, diffs = [], [], [], []

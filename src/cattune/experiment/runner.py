@@ -121,9 +121,14 @@ def _resume_point(work: Path, settings: str, data: str) -> tuple[str | None, flo
         shutil.rmtree(work, ignore_errors=True)
     checkpoints = sorted(work.glob("checkpoint-*"), key=lambda d: int(d.name.rpartition("-")[2])
                          if d.name.rpartition("-")[2].isdigit() else -1)
-    for ckpt in reversed(checkpoints):  # a kill mid-save leaves one without its time file: take the one before
-        if (ckpt / ELAPSED).is_file():
-            return str(ckpt), float(json.loads((ckpt / ELAPSED).read_text())["train_seconds"])
+    # A kill mid-save leaves one without its time file: take the one before, and remove the
+    # cut one, or the Trainer's rotation (by step) would keep it and delete the good ones.
+    complete = [c for c in checkpoints if (c / ELAPSED).is_file()]
+    for ckpt in checkpoints:
+        if ckpt not in complete:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    if complete:
+        return str(complete[-1]), float(json.loads((complete[-1] / ELAPSED).read_text())["train_seconds"])
     return None, 0.0
 
 
