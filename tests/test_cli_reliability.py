@@ -425,7 +425,7 @@ def test_train_never_replaces_a_model_unasked_nor_removes_before_its_checks(mode
     (["train", "--train", "TRAIN", "--out", "OUT", "--max_grad_norm", "nan"], {}, "max_grad_norm must be a finite"),
     (["train", "--train", "TRAIN", "--out", "OUT", "--seed", "-1"], {}, "seed must be 0 or more"),
     (["train", "--train", "TRAIN", "--out", "OUT", "--save_steps", "0"], {}, "save_steps must be > 0"),
-    (["train", "--train", "TRAIN", "--out", "OUT", "--lora", "--lora_dropout", "nan"], {}, "lora_dropout must be in"),
+    (["train", "--train", "TRAIN", "--out", "OUT", "--lora", "--lora_dropout", "nan"], {}, "LoRA dropout must be in"),
     (["train", "--train", "TRAIN", "--out", "OUT", "--eval", "E.jsonl"], {"E.jsonl": ""}, "--eval"),
     (["train", "--config", "A.yaml", "--train", "TRAIN"], {"A.yaml": "out: OUT\nlearning_rate: 1\nlearning_rate: 2\n"},
      "A.yaml:3: key 'learning_rate' appears twice"),

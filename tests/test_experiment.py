@@ -138,6 +138,9 @@ def test_shipped_stg_config():
     ({"train": {"max_grad_norm": float("nan")}}, "max_grad_norm must be a finite number"),
     ({"arm_args": {"baseline": {"cat_gamma": 1}}}, "baseline arm always"),
     ({"models": [{"name": "x", "size": 3}]}, "unknown model fields"),
+    ({"models": [{"name": "t", "tiny": {"hidden_size": -8}}]}, "tiny: hidden_size must be a number > 0"),
+    ({"models": [{"name": "t", "tiny": {}, "lora": {"dropout": float("nan")}}]}, "LoRA dropout must be in"),
+    ({"models": [{"name": "t", "tiny": {}, "lora": {"r": 0}}]}, "LoRA r must be an integer >= 1"),
     ({"eval": {"temperature": 0}}, "eval: unknown"),
     # STG_E trains on train_M: a file for "train" would be read by nothing
     ({"tasks": [{"task": "STG_E", "files": {"train": "x.jsonl"}}]}, r"files names split\(s\) \['train'\] that"),

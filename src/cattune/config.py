@@ -13,6 +13,14 @@ from .loss import LOSS_KINDS
 from .masks import DEFAULT_MAX_LENGTH, DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 
 
+def check_lora(r: int = 64, alpha: float = 32, dropout: float = 0.1, **_) -> None:
+    """LoRA settings (``cattune.models.lora_model``'s), checked before a model loads."""
+    if not (isinstance(r, int) and r >= 1) or not 0 < alpha < math.inf:
+        raise ValueError(f"LoRA r must be an integer >= 1 and alpha a number > 0, got r={r!r}, alpha={alpha!r}")
+    if not 0 <= dropout < 1:  # nan fails this too
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+
+
 # TrainingArguments fields whose out-of-range values it takes without a word (or with a
 # traceback hours later): (name, test, what the message asks for).
 RANGES = (

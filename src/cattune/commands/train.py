@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from ..config import check_lora
 from ..records import load_records
 from ..trainer import (
     TRAINER_STATE_NAME, CATConfig, CATTrainer, checkpoints, complete_checkpoint, end_distributed, lora_model,
@@ -69,10 +70,7 @@ class TrainArguments:
 
 
     def __post_init__(self):
-        if self.lora_r < 1 or self.lora_alpha <= 0:
-            raise ValueError(f"lora_r must be at least 1 and lora_alpha > 0, got {self.lora_r} and {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:  # nan fails this too
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check_lora(self.lora_r, self.lora_alpha, self.lora_dropout)
 
 
 class _Parser(HfArgumentParser):

@@ -218,12 +218,20 @@ def _model_entry(obj: Any, where: str) -> ModelEntry:
         lora = None
     tiny = obj.get("tiny") or {}
     _check_kwargs(tiny, _tiny_options(), f"{where}: tiny")
+    for key, value in tiny.items():  # sizes, counts, rope_theta: a bad one would fail hours into the grid
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 < value < math.inf:
+            raise ConfigError(f"{where}: tiny: {key} must be a number > 0, got {value!r}")
     if lora is not None:
         import inspect
 
+        from ..config import check_lora
         from ..models import lora_model
 
         _check_kwargs(lora, set(inspect.signature(lora_model).parameters) - {"model"}, f"{where}: lora")
+        try:
+            check_lora(**lora)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {e}") from None
     return ModelEntry(label=str(obj["name"]), path=path, tiny=dict(tiny), lora=lora,
                       trust_remote_code=_flag(obj.get("trust_remote_code", False), f"{where}: trust_remote_code"),
                       raw=obj)
