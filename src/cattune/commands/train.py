@@ -250,7 +250,7 @@ def _train_locked(targs, config) -> int:
     if targs.eval and not eval_records:
         raise ValueError(f"--eval {targs.eval}: no records")
     resume, stale, why = resume_checkpoint(targs, config)
-    base_model = targs.model
+    base_model, staged = targs.model, None
     if targs.model:
         model, tokenizer = load_model(targs.model, trust_remote_code=targs.trust_remote_code)
     else:
@@ -260,12 +260,12 @@ def _train_locked(targs, config) -> int:
         if targs.lora:
             # The embedded model is built from the data, so an adapter alone could not be
             # loaded again: keep its (frozen) base beside it, referenced from cattune.json.
+            # Saved before LoRA wraps it, put in place once every check has passed.
             base_model = str(Path(config.output_dir, "base_model").resolve())
-    staged = None  # the embedded base, saved before LoRA wraps it, put in place once every check passed
-    if base_model != targs.model and not resume and int(os.environ.get("RANK", "0")) == 0:
-        staged = tempfile.mkdtemp(prefix=".base_model.", dir=config.output_dir)
-        model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
+            if not resume and int(os.environ.get("RANK", "0")) == 0:
+                staged = tempfile.mkdtemp(prefix=".base_model.", dir=config.output_dir)
+                model.save_pretrained(staged)
+                tokenizer.save_pretrained(staged)
     try:
         if targs.lora:
             model = lora_model(model, r=targs.lora_r, alpha=targs.lora_alpha, dropout=targs.lora_dropout)
