@@ -383,6 +383,8 @@ def test_two_writers_of_one_output_exclude_each_other(data, tmp_path):
         fails(cli("experiment", "builtin:stg", "--max-runs", "0", "--out", exp),
               f"another cattune experiment is writing {exp}")
     assert not (exp / "results.jsonl").exists()
+    with _held(tmp_path / "stg"):
+        fails(cli("stg", "--out", tmp_path / "stg", "--seed", "3"), "another cattune stg is writing")
     ok(cli("train", "--train", data / "train.jsonl", "--out", out, *TRAIN, "--save_strategy", "no"))
     assert not (out / ".cattune.lock").exists()  # released: the next run may write
 

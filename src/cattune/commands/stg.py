@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import stg
 from ..records import save_records
-from ..files import check_writable_dir
+from ..files import check_writable_dir, output_lock
 from .common import HelpFormatter, number_option
 
 
@@ -27,7 +27,8 @@ def run(args) -> int:
     check_writable_dir(args.out, "--out")
     splits = stg.generate(args.variant, seed=args.seed)
     out = Path(args.out)
-    for name, records in splits.items():
-        save_records(out / f"{name}.jsonl", records)
-        print(f"{out / f'{name}.jsonl'}: {len(records)} records")
+    with output_lock(out, "cattune stg"):  # two seeds into one --out would mix their splits
+        for name, records in splits.items():
+            save_records(out / f"{name}.jsonl", records)
+            print(f"{out / f'{name}.jsonl'}: {len(records)} records")
     return 0
