@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 
 from cattune import sources, tasks
-from cattune.evaluate import mc_letter, parse_number
+from cattune.checkers import final_answer, mc_letter, parse_number
 from cattune.masks import encode_record
 
 # split -> records, annotated records (the release's README; MAWPS:ood is svamp_ood, SVAMP:ood mawps_ood)
@@ -47,7 +47,7 @@ def test_release_splits_offline_in_one_format(name):
             # a few ARC questions are labelled 1-4 in the release, their prompts too
             assert all(mc_letter(r.target) and f"\n{r.target}. " in r.prompt for r in records), split
         else:
-            assert all(task.check("#### " + sources.final_answer(r.target), r.target) for r in records), split
+            assert all(task.check("#### " + final_answer(r.target), r.target) for r in records), split
 
 
 def test_mawps_answer_prefix_moves_to_the_prompt_and_numbers_compare():

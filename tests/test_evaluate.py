@@ -1,9 +1,11 @@
 """evaluate(): batched greedy decoding, answer checking, attention ratio."""
 
+import pytest
 import torch
 
 from cattune import stg
-from cattune.evaluate import check_exact, check_gsm8k, check_mc, check_numeric, evaluate, numeric_error
+from cattune.checkers import check_exact, check_gsm8k, check_mc, check_numeric, numeric_error
+from cattune.evaluate import evaluate
 from cattune.tiny import build
 from cattune.trainer import CATConfig, CATTrainer
 
@@ -72,3 +74,19 @@ def test_layers_out_of_range_fail_before_any_answer_is_generated(monkeypatch):
     monkeypatch.setattr(evaluate_module, "generate_answers", never)
     with pytest.raises(ValueError, match=r"layers \[7\] out of range"):
         evaluate(model, tok, data["iid_test"][:2], layers=[7], progress=False)
+
+
+def test_register_checker_serves_tasks_and_refuses_a_silent_replacement():
+    from cattune.checkers import CHECKERS, register_checker
+    from cattune.tasks import Task
+
+    register_checker("upper", lambda prediction, target: prediction.strip().upper() == target.strip().upper())
+    try:
+        task = Task(name="UP", source={"files": {"test": "x.jsonl"}}, checker="upper")
+        assert task.check(" yes", "YES") and not task.check("no", "YES")
+        with pytest.raises(ValueError, match="already registered"):
+            register_checker("upper", CHECKERS["exact"])
+        with pytest.raises(TypeError, match="callable"):
+            register_checker("broken", "exact")
+    finally:
+        CHECKERS.pop("upper", None)

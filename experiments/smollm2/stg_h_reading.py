@@ -27,7 +27,8 @@ from math import nan
 import torch
 
 from cattune import stg
-from cattune.evaluate import generate_answers, numeric_error, parse_number
+from cattune.checkers import numeric_error, parse_number
+from cattune.evaluate import generate_answers
 from cattune.models import load_model, training_settings
 
 # spurious item -> (the cause it copies in the training data, the factor)

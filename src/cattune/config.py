@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .evaluate import CHECKERS
+from .checkers import CHECKERS
 from .loss import LOSS_KINDS
 from .masks import DEFAULT_MAX_LENGTH, DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 

@@ -1,13 +1,12 @@
-"""Evaluation: greedy decoding of the answer, answer checking, and where the model looks.
+"""Evaluation: greedy decoding of the answer, checking it (``cattune.checkers``), and
+where the model looks.
 
-Accuracy is exact match by default (docs/method.md section 4); other checkers cover
+Accuracy is exact match by default (docs/method.md section 4); a task's checker covers
 numbers with a tolerance, GSM8K's "#### answer" and multiple-choice letters.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -15,102 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import AttentionProbe, resolve_layers, use_row_probe
+from .checkers import get_checker, numeric_error
 from .loss import attention_ratio, row_terms, visible_columns
 from .masks import DEFAULT_SPAN_COLUMNS, collate, encode_record, render_prompt
 from .models import takes_logits_to_keep
 from .records import Record
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def parse_number(text: str) -> float | None:
-    """The first number in ``text`` ("1,234.0" -> 1234.0), or None."""
-    m = _NUMBER.search(text)
-    if not m:
-        return None
-    try:
-        return float(m.group(0).replace(",", ""))
-    except ValueError:
-        return None
-
-
-def final_answer(text: str) -> str:
-    """GSM8K style: the text after the last "####"; without one, the last number."""
-    if "####" in text:
-        return text.rsplit("####", 1)[-1].strip()
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else text.strip()
-
-
-def numeric_error(targets: list[str], predictions: list[str]) -> tuple[float | None, int]:
-    """Mean |prediction - target| over the predictions holding a number, and the count of
-    those that hold none; (None, 0) unless every target is a number ("42", "-3.5")."""
-    truth = [parse_number(t) if _NUMBER.fullmatch(t.strip()) else None for t in targets]
-    if not truth or any(t is None for t in truth):
-        return None, 0
-    errors = [abs(p - t) for t, p in zip(truth, map(parse_number, predictions)) if p is not None]
-    unparsed = len(truth) - len(errors)
-    return (sum(errors) / len(errors) if errors else None), unparsed
-
-
-def check_exact(prediction: str, target: str) -> bool:
-    return prediction.strip() == target.strip()
-
-
-def check_numeric(prediction: str, target: str, abs_tol: float = 1e-6, rel_tol: float = 0.0) -> bool:
-    """The same number: "84.0" matches "84". An integer answer must match exactly (10001
-    is not 10000, whatever the scale); a fractional one within ``abs_tol``. A task that
-    states a relative tolerance (``rel_tol``) gets it for every answer."""
-    p, t = parse_number(prediction), parse_number(target)
-    if p is None or t is None:
-        return check_exact(prediction, target)
-    if rel_tol == 0 and t.is_integer():
-        return p == t
-    return math.isclose(p, t, rel_tol=rel_tol, abs_tol=abs_tol)
-
-
-def check_gsm8k(prediction: str, target: str) -> bool:
-    return check_numeric(final_answer(prediction), final_answer(target))
-
-
-def mc_letter(text: str) -> str | None:
-    """The answer label in "B", "(B)", "B) ...", "Answer: B", "I think (C)"; choices
-    labelled with digits (some ARC questions use 1-4) are read the same way.
-
-    A bare leading label counts only when followed by ".", ")", ":" or the end, so
-    "A cat is..." is not read as "A" and "12 apples" not as "1".
-    """
-    text = text.strip()
-    m = re.match(r"^\(?([A-E]|[1-9])(?:[.):]|\)|$)", text)
-    if m:
-        return m.group(1)
-    m = re.search(r"(?i:answer)(?:\s+is)?[:\s]*\(?([A-E]|[1-9])\)?(?![A-Za-z0-9])", text)
-    if m:
-        return m.group(1)
-    m = re.search(r"\(([A-E]|[1-9])\)", text)
-    return m.group(1) if m else None
-
-
-def check_mc(prediction: str, target: str) -> bool:
-    p, t = mc_letter(prediction), mc_letter(target)
-    return p is not None and p == t
-
-
-CHECKERS: dict[str, Callable[[str, str], bool]] = {
-    "exact": check_exact,
-    "numeric": check_numeric,
-    "gsm8k": check_gsm8k,
-    "mc": check_mc,
-}
-
-
-def get_checker(checker: str | Callable[[str, str], bool]) -> Callable[[str, str], bool]:
-    if callable(checker):
-        return checker
-    if checker not in CHECKERS:
-        raise ValueError(f"unknown checker {checker!r}; choose from {sorted(CHECKERS)}")
-    return CHECKERS[checker]
-
 
 @dataclass
 class EvalResult:

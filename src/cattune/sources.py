@@ -25,7 +25,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .evaluate import _NUMBER, final_answer
+from .checkers import NUMBER, final_answer
 from .records import Record, iter_json_lines, normalize_important, record_from_json
 from .text import scalar_text
 
@@ -76,7 +76,7 @@ def _format_value(value: Any) -> str:
 
 
 def _number_text(text: str) -> str:
-    m = _NUMBER.search(text)
+    m = NUMBER.search(text)
     if not m:
         raise ValueError(f"no number in answer {text!r:.60}")
     return m.group(0).replace(",", "")

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .evaluate import CHECKERS
+from .checkers import CHECKERS
 from .records import Record, load_config_file
 from .sources import (DEFAULT_HUB_SPLITS, SOURCE_KINDS, TARGET_TRANSFORMS, TaskError, load_file, load_hub,
                       load_release, release_missing, stg_split, stg_split_sizes)

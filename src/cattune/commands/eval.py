@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..evaluate import CHECKERS, evaluate
+from ..checkers import CHECKERS
+from ..evaluate import evaluate
 from ..files import check_distinct_paths, check_writable_file, model_inputs
 from ..models import load_model, training_settings
 from ..tasks import load_data
