@@ -464,3 +464,30 @@ def test_collate_without_any_supervision_and_empty(word_tok):
     assert batch.rows.shape == (1, 0) and batch.causal.shape == (1, 0, 5)
     with pytest.raises(ValueError, match="empty batch"):
         collate([], pad_token_id=2)
+
+
+# --- bounded time and memory (issue 34) ---------------------------------------------------
+
+
+def test_keys_and_values_named_hundreds_of_times_cost_their_occurrences_not_their_product():
+    # "apples" 1700 times, "Ann" and "Bob" 850 times each in 40 KB: every (key, value)
+    # occurrence pair was tried one by one, ~1.4M of them (minutes, and 100s of MB).
+    import time
+    import tracemalloc
+
+    from cattune.tiny import train_tokenizer
+
+    unit = "Ann has 12 apples and gets 3 apples from Bob. "
+    record = Record(prompt=unit * 850 + "How many apples? Answer: ", target="15",
+                    important=[("apples", ["Ann", "Bob"]), ("15", ["12 apples"])])
+    tokenizer = train_tokenizer([unit, "How many apples? Answer: 15"], kind="bytelevel", individual_digits=True)
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        encoded = encode_record(tokenizer, record, max_length=256)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 10
+    assert peak < 100 * len(record.text)  # 4 MB; the tokenizer's lists of a long record are most of it
+    assert encoded.rows and encoded.unaligned == []

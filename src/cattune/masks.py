@@ -23,6 +23,7 @@ without per-model special cases.
 from __future__ import annotations
 
 import bisect
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -106,9 +107,10 @@ class _Offsets:
     """
 
     def __init__(self, offsets: list[tuple[int, int]], kept: tuple[int, int] = (0, 1 << 62)):
-        self.tokens = [(i, s, e) for i, (s, e) in enumerate(offsets) if e > s]  # skip specials
-        self.starts = [s for _, s, _ in self.tokens]
-        self.ends = [e for _, _, e in self.tokens]
+        # Machine integers, not lists of tuples: a long record has a million tokens.
+        self.index = array("q", (i for i, (s, e) in enumerate(offsets) if e > s))  # skip specials
+        self.starts = array("q", (offsets[i][0] for i in self.index))
+        self.ends = array("q", (offsets[i][1] for i in self.index))
         self.kept = kept
 
     def is_cut(self, start: int, end: int) -> bool:
@@ -122,7 +124,7 @@ class _Offsets:
         hi = bisect.bisect_left(self.starts, end)  # tokens starting before `end`
         if lo >= hi:
             return None
-        return self.tokens[lo][0], self.tokens[hi - 1][0] + 1
+        return self.index[lo], self.index[hi - 1] + 1
 
 
 def _columns(full: _Offsets, text: str, chars: tuple[int, int], tokens: tuple[int, int], span_columns: str) -> range:
@@ -147,8 +149,12 @@ def _tokenize(tokenizer, text: str, add_special_tokens: bool):
             f"{type(tokenizer).__name__} is a slow tokenizer: causal masks need character offsets, "
             "load the fast one (AutoTokenizer.from_pretrained(..., use_fast=True))"
         )
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                    return_attention_mask=False, return_token_type_ids=False)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]  # no new tuple per token of a long record
+    if offsets and not isinstance(offsets[0], tuple):
+        offsets = [tuple(o) for o in offsets]
+    return ids, offsets
 
 
 class ChatTemplateError(ValueError):
@@ -216,14 +222,16 @@ def _plain_layout(tokenizer, record: Record, add_eos: bool) -> _Layout:
     p_ids, p_off = _tokenize(tokenizer, record.prompt, add_special_tokens=True)
     t_ids, t_off = _tokenize(tokenizer, record.target, add_special_tokens=False)
     shift = len(record.prompt)
-    ids = p_ids + t_ids
-    offsets = p_off + [(s + shift, e + shift) if e > s else (0, 0) for s, e in t_off]
-    labels = [-100] * len(p_ids) + list(t_ids)
+    n_prompt = len(p_ids)
+    labels = [-100] * n_prompt + t_ids
+    ids, offsets = p_ids, p_off  # extended in place: a long prompt's lists are not copied
+    ids.extend(t_ids)
+    offsets.extend((s + shift, e + shift) if e > s else (0, 0) for s, e in t_off)
     if add_eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
         offsets.append((0, 0))
         labels.append(tokenizer.eos_token_id)
-    return _Layout(record.text, ids, offsets, labels, len(p_ids), [(0, len(record.text), 0)])
+    return _Layout(record.text, ids, offsets, labels, n_prompt, [(0, len(record.text), 0)])
 
 
 def _chat_layout(tokenizer, record: Record) -> _Layout:
@@ -309,63 +317,35 @@ def encode_record(
         cut = len(ids) - max_length
         if cut > n_prompt - keep_prefix:  # even the whole prompt is not enough
             cut = n_prompt - keep_prefix
-        kept_lo = max((e for _, e in offsets[keep_prefix : keep_prefix + cut]), default=0)
-        ids = ids[:keep_prefix] + ids[keep_prefix + cut :]
-        labels = labels[:keep_prefix] + labels[keep_prefix + cut :]
-        offsets = offsets[:keep_prefix] + offsets[keep_prefix + cut :]
+        kept_lo = max((offsets[i][1] for i in range(keep_prefix, keep_prefix + cut)), default=0)
+        for tokens in (ids, labels, offsets):  # in place, not copies of a long record's lists
+            del tokens[keep_prefix : keep_prefix + cut]
         if len(ids) > max_length:  # the answer alone is too long: cut it from the right
             kept_hi = min((s for s, e in offsets[max_length:] if e > s), default=kept_hi)
-            ids, labels, offsets = ids[:max_length], labels[:max_length], offsets[:max_length]
+            for tokens in (ids, labels, offsets):
+                del tokens[max_length:]
 
     text = layout.text
     full = _Offsets(offsets, kept=(kept_lo, kept_hi))
-    pairs: set[tuple[int, int]] = set()
+    columns: dict[int, set[int]] = {}  # row -> its causal columns
     unaligned: list[tuple[str, str, str]] = []
     n_pairs = 0
+    spans: dict[tuple[str, bool], list[_Span]] = {}  # each text is located once, however often it is named
+
+    def located(needle: str, is_key: bool) -> list[_Span]:
+        if (needle, is_key) not in spans:
+            spans[needle, is_key] = [_Span.of(layout, full, occ, is_key, span_columns)
+                                     for occ in find_occurrences(record.text, needle)]
+        return spans[needle, is_key]
+
     for key, values in record.important:
-        key_chars = find_occurrences(record.text, key)
+        keys = located(key, True)
         for value in values:
             n_pairs += 1
-            value_chars = find_occurrences(record.text, value)
-            if not key_chars or not value_chars:
-                missing = "key" if not key_chars else "value"
-                unaligned.append((key, value, f"{missing} not found in text"))
-                continue
-            ordered = [(ks, vs) for ks in key_chars for vs in value_chars if vs[1] <= ks[0]]
-            if not ordered:
-                unaligned.append((key, value, "value not before key"))
-                continue
-            placed = False
-            cut_off = uncovered = lost = False
-            for kc, vc in ordered:
-                kc, vc = layout.place(kc, is_key=True), layout.place(vc, is_key=False)
-                if kc is None or vc is None:
-                    lost = True
-                    continue
-                ktok, vtok = full.span(*kc), full.span(*vc)
-                if ktok is None or vtok is None:
-                    if full.is_cut(*kc) or full.is_cut(*vc):
-                        cut_off = True
-                    else:  # characters no token maps to (a tokenizer that drops them)
-                        uncovered = True
-                    continue
-                (k, k_end), (v, v_end) = ktok, vtok
-                if v_end > k:  # the two spans share a token (then k > 0 too: a row k-1 exists)
-                    continue
-                cols = _columns(full, text, vc, (v, v_end), span_columns)
-                for row in range(k - 1, k_end - 1):
-                    pairs.update((row, col) for col in cols)
-                placed = True
-            if not placed:
-                if cut_off:
-                    reason = "cut by max_length"
-                elif lost:
-                    reason = "not in the chat template's rendering (the template rewrote the prompt)"
-                elif uncovered:
-                    reason = "no token covers the text"
-                else:
-                    reason = "value and key share a token"
+            reason = _place(keys, located(value, False), columns)
+            if reason:
                 unaligned.append((key, value, reason))
+    pairs = sorted((row, col) for row, cols in columns.items() for col in cols)
 
     return EncodedRecord(
         input_ids=ids,
@@ -375,6 +355,82 @@ def encode_record(
         truncated=truncated,
         n_pairs=n_pairs,
     )
+
+
+@dataclass
+class _Span:
+    """One occurrence of a key or value: its characters in the record's text and, when it
+    lands on tokens (``status`` "ok"), its token span and (for a value) its columns."""
+
+    start: int
+    end: int
+    status: str  # "ok", "lost" (the template rewrote it), "cut" (by max_length), "uncovered" (no token)
+    tokens: tuple[int, int] = (0, 0)
+    cols: range = range(0)
+
+    @classmethod
+    def of(cls, layout: _Layout, full: _Offsets, chars: tuple[int, int], is_key: bool, span_columns: str) -> "_Span":
+        placed = layout.place(chars, is_key=is_key)
+        if placed is None:
+            return cls(*chars, "lost")
+        tokens = full.span(*placed)
+        if tokens is None:
+            return cls(*chars, "cut" if full.is_cut(*placed) else "uncovered")
+        cols = range(0) if is_key else _columns(full, layout.text, placed, tokens, span_columns)
+        return cls(*chars, "ok", tokens, cols)
+
+
+def _place(keys: list[_Span], values: list[_Span], columns: dict[int, set[int]]) -> str | None:
+    """Add the causal columns of one (key, value) pair; the reason when none is placed.
+
+    Every occurrence of the value that ends before an occurrence of the key starts is a
+    column of that key occurrence's rows. Both lists are in text order, so the values
+    before each key are a growing prefix: time and memory go with the occurrences and
+    the columns placed, not with their product (a key and a value named 1000 times each
+    in a long record took minutes and gigabytes).
+    """
+    if not keys or not values:
+        return f"{'key' if not keys else 'value'} not found in text"
+    if values[0].end > keys[-1].start:
+        return "value not before key"
+    before: set[str] = set()  # statuses of the values before the current key
+    usable: list[_Span] = []  # the "ok" values before it, in text (and token) order
+    cols: set[int] = set()  # the columns of the usable values that end by the key's first token
+    j = n_cols = 0
+    placed = lost = cut_off = uncovered = False
+    for key in keys:
+        while j < len(values) and values[j].end <= key.start:
+            before.add(values[j].status)
+            if values[j].status == "ok":
+                usable.append(values[j])
+            j += 1
+        if not before:
+            continue
+        # Why a (key, value) combination failed, as each of them would say.
+        lost |= key.status == "lost" or "lost" in before
+        if key.status != "lost":
+            cut_off |= (key.status == "cut" and bool(before - {"lost"})) or "cut" in before
+            uncovered |= (key.status == "uncovered" and bool(before & {"ok", "uncovered"})) or (
+                key.status == "ok" and "uncovered" in before)
+        if key.status != "ok":
+            continue
+        k, k_end = key.tokens
+        while n_cols < len(usable) and usable[n_cols].tokens[1] <= k:  # else they share a token
+            cols.update(usable[n_cols].cols)
+            n_cols += 1
+        if n_cols:
+            for row in range(k - 1, k_end - 1):
+                columns.setdefault(row, set()).update(cols)
+            placed = True
+    if placed:
+        return None
+    if cut_off:
+        return "cut by max_length"
+    if lost:
+        return "not in the chat template's rendering (the template rewrote the prompt)"
+    if uncovered:
+        return "no token covers the text"
+    return "value and key share a token"
 
 
 @dataclass
