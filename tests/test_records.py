@@ -246,6 +246,21 @@ def test_config_files_name_themselves_when_unreadable(tmp_path):
         load_config_file(tmp_path)
 
 
+def test_every_config_file_refuses_a_key_twice(tmp_path):
+    """Task files and annotate rules too, not only train and experiment configs."""
+    from cattune.annotate.rules import load_rules
+    from cattune.tasks import TaskError, load_task_file
+
+    task = tmp_path / "task.yaml"
+    task.write_text("name: T\nchecker: exact\nchecker: numeric\nsource: {files: {test: t.jsonl}}\n")
+    with pytest.raises(TaskError, match=r"task.yaml:3: key 'checker' appears twice"):
+        load_task_file(task)
+    rule = tmp_path / "rule.json"
+    rule.write_text('{"{target}": ["a"], "{target}": ["b"]}')
+    with pytest.raises(ValueError, match=r"rule.json: key '\{target\}' appears twice"):
+        load_rules(rule)
+
+
 def test_blank_lines_and_a_byte_order_mark_are_fine(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\n\n   \n" + GOOD).encode())

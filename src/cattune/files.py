@@ -7,7 +7,6 @@ annotation run.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -108,42 +107,6 @@ def output_lock(directory: str | os.PathLike, command: str):
     finally:
         path.unlink(missing_ok=True)  # a lock file left behind would look like a run still going
         lock.release()
-
-
-def load_settings_file(path: str | os.PathLike, error: type[Exception] = ValueError):
-    """A YAML/JSON settings file (``records.load_config_file``) whose mappings repeat no
-    key: YAML and JSON parsers keep the last of two values without a word, so one of the
-    user's settings would silently do nothing."""
-    from .records import load_config_file
-
-    data = load_config_file(path, error)
-    text = Path(path).read_text(encoding="utf-8")
-    if Path(path).suffix == ".json":
-        def unique(pairs):
-            keys = [k for k, _ in pairs]
-            if dup := sorted({k for k in keys if keys.count(k) > 1}):
-                raise error(f"{path}: key {dup[0]!r} appears twice in one object; keep one")
-            return dict(pairs)
-
-        json.loads(text, object_pairs_hook=unique)
-    else:
-        import yaml
-
-        class UniqueKeys(yaml.SafeLoader):
-            def construct_mapping(self, node, deep=False):
-                seen = set()
-                for key_node, _ in node.value:  # a merged mapping (<<: *base) may be overridden
-                    if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                        continue
-                    key = self.construct_object(key_node)
-                    if key in seen:
-                        raise error(f"{path}:{key_node.start_mark.line + 1}: key {key!r} appears twice in one "
-                                    "mapping; keep one")
-                    seen.add(key)
-                return super().construct_mapping(node, deep=deep)
-
-        yaml.load(text, Loader=UniqueKeys)
-    return data
 
 
 def file_digest(path: str | os.PathLike) -> str:

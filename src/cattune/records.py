@@ -310,19 +310,39 @@ def read_text_file(path: str | os.PathLike, error: type[Exception] = ValueError)
 
 
 def load_config_file(path: str | os.PathLike, error: type[Exception] = ValueError):
-    """Parse a JSON (.json) or YAML (any other name) file; a syntax error raises ``error``
-    naming the file."""
+    """Parse a JSON (.json) or YAML (any other name) file; a syntax error, or a key twice
+    in one mapping, raises ``error`` naming the file. (Both parsers would keep the last of
+    two values without a word, so one of the user's settings would silently do nothing.)"""
     path = Path(path)
     text = read_text_file(path, error)
     if path.suffix == ".json":
+        def unique(pairs):
+            keys = [k for k, _ in pairs]
+            if dup := sorted({k for k in keys if keys.count(k) > 1}):
+                raise error(f"{path}: key {dup[0]!r} appears twice in one object; keep one")
+            return dict(pairs)
+
         try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=unique)
         except json.JSONDecodeError as e:
             raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     import yaml
 
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:  # a merged mapping (<<: *base) may be overridden
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise error(f"{path}:{key_node.start_mark.line + 1}: key {key!r} appears twice in one "
+                                "mapping; keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeys)
     except yaml.YAMLError as e:
         raise error(f"{path}: not valid YAML: {e}") from None
 

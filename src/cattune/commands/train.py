@@ -16,12 +16,12 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from ..config import check_lora
-from ..records import load_records
+from ..records import load_config_file, load_records
 from ..trainer import (
     TRAINER_STATE_NAME, CATConfig, CATTrainer, checkpoints, complete_checkpoint, end_distributed, lora_model,
 )
 from ..fields import typed_fields
-from ..files import check_distinct_paths, check_writable_dir, file_digest, load_settings_file, model_inputs, output_lock
+from ..files import check_distinct_paths, check_writable_dir, file_digest, model_inputs, output_lock
 from ..models import load_model
 from .common import HelpFormatter, write_json
 
@@ -110,7 +110,7 @@ def apply_config(parser, argv: list[str]) -> list[str]:
     del argv[i: i + (1 if "=" in arg else 2)]
     if not path:
         parser.error("--config needs a file")
-    values = load_settings_file(path)
+    values = load_config_file(path)
     if not isinstance(values, dict):
         parser.error(f"{path}: expected a mapping of option names to values")
     if "out" in values and "output_dir" in values:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..files import load_settings_file
+from ..records import load_config_file
 from ..shipped import is_builtin, shipped_file, shipped_names
 from ..tasks import Task, TaskError, get_task, load_task_file
 from .arms import ARMS
@@ -318,7 +318,7 @@ def _train_from(spec: Any, where: str, base_dir: Path, _seen: tuple = ()) -> dic
         raise ConfigError(f"{where}: train_from: {e}") from None
     if path.resolve() in _seen:
         raise ConfigError(f"{where}: train_from: {spec} leads back to itself")
-    data = load_settings_file(path, error=ConfigError)
+    data = load_config_file(path, error=ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping")
     train = _train_from(data.get("train_from"), str(path), path.parent, _seen + (path.resolve(),))
@@ -419,7 +419,7 @@ def _check_reference(ref: Any, where: str) -> None:
 def load_config(spec: str | os.PathLike) -> ExperimentConfig:
     """Read and check an experiment config (YAML or JSON; ``builtin:NAME`` for shipped ones)."""
     path = resolve_config_path(spec)
-    return parse_config(load_settings_file(path, error=ConfigError), path)
+    return parse_config(load_config_file(path, error=ConfigError), path)
 
 
 def plan(config: ExperimentConfig) -> list[RunSpec]:
