@@ -385,6 +385,13 @@ def test_two_writers_of_one_output_exclude_each_other(data, tmp_path):
     assert not (exp / "results.jsonl").exists()
     with _held(tmp_path / "stg"):
         fails(cli("stg", "--out", tmp_path / "stg", "--seed", "3"), "another cattune stg is writing")
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    for name in ("results.jsonl", "results.json"):  # a demo's earlier runs, which a new demo clears
+        (demo / name).write_text("{}\n")
+    with _held(demo):  # ... but not while another demo is writing them
+        fails(cli("demo", "--out", demo, "--seeds", "1"), "another cattune demo is writing")
+    assert (demo / "results.jsonl").exists()
     ok(cli("train", "--train", data / "train.jsonl", "--out", out, *TRAIN, "--save_strategy", "no"))
     assert not (out / ".cattune.lock").exists()  # released: the next run may write
 

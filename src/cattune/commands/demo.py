@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from ..experiment import RESULTS, ConfigError, RunSpec, parse_config, read_results, resolve_config_path, run_experiment
-from ..files import check_writable_dir
+from ..files import check_writable_dir, output_lock
 from ..masks import SPAN_COLUMNS
 from ..models import parse_layers
 from ..records import load_config_file
@@ -266,11 +266,13 @@ def run(args) -> int:
     started = time.time()
     # The demo trains afresh every time (the runner would keep runs finished under other
     # options), so it clears its own runs, and never an experiment's that shares the folder.
-    if (out / RESULTS).exists():
-        if not (out / "results.json").exists():
-            raise ValueError(f"--out {out} holds an experiment's {RESULTS} that the demo did not write; "
-                             "give the demo another --out")
-        (out / RESULTS).unlink()
+    # Cleared under the runner's lock: a demo still running in the same --out keeps its runs.
+    with output_lock(out, "cattune demo"):
+        if (out / RESULTS).exists():
+            if not (out / "results.json").exists():
+                raise ValueError(f"--out {out} holds an experiment's {RESULTS} that the demo did not write; "
+                                 "give the demo another --out")
+            (out / RESULTS).unlink()
     run_experiment(config, out=out, progress=args.jobs == 1, jobs=args.jobs)
     results, _ = read_results(out / RESULTS)
     runs = _runs(out, results, config)
