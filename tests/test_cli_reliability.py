@@ -385,6 +385,10 @@ def test_two_writers_of_one_output_exclude_each_other(data, tmp_path):
     assert not (exp / "results.jsonl").exists()
     with _held(tmp_path / "stg"):
         fails(cli("stg", "--out", tmp_path / "stg", "--seed", "3"), "another cattune stg is writing")
+    ok(cli("stg", "--out", tmp_path / "stg", "--seed", "3"))
+    ok(cli("stg", "--out", tmp_path / "stg", "--seed", "3"))  # the same splits again: fine
+    fails(cli("stg", "--out", tmp_path / "stg", "--seed", "4"), "holds STG_E seed 3's splits")
+    fails(cli("stg", "--out", tmp_path / "stg", "--seed", "3", "--variant", "H"), "holds STG_E seed 3's splits")
     demo = tmp_path / "demo"
     demo.mkdir()
     for name in ("results.jsonl", "results.json"):  # a demo's earlier runs, which a new demo clears
