@@ -9,6 +9,11 @@ Four variants of one optimizer step of SmolLM2-135M-Instruct (or ``--model``):
 - ``lora-ce`` / ``lora-cat``: the same on a PEFT LoRA model with the release's setting
   (``cattune.trainer.lora_model``: r=64, alpha=32, dropout 0.1 on q, k, v, gate, up, down).
 
+``--logits answer`` runs each variant as ``CATTrainer`` does with ``answer_logits_only``:
+the LM head only at the positions that predict a label (``logits_to_keep`` with a boolean
+mask, the loss given the matching ``shift_labels``); ``--logits all,answer`` times both,
+interleaved, and reports the gain.
+
 A step is what ``Trainer`` does per batch without gradient accumulation: forward,
 backward, ``clip_grad_norm_(1.0)``, fused AdamW (``adamw_torch_fused``, the Trainer's
 default) and ``zero_grad``. The batches are real: the first records of STG-E ``train_M``
@@ -25,6 +30,9 @@ evaluation).
 Usage:
     HF_HUB_OFFLINE=1 python benchmarks/finetune_speed.py                 # ~12 min on 2 idle cores
     HF_HUB_OFFLINE=1 python benchmarks/finetune_speed.py --threads 2 --steps 3 --templates plain
+    HF_HUB_OFFLINE=1 python benchmarks/finetune_speed.py --model builtin:gemma3-270m --templates plain \
+        --variants full-ce,full-cat,lora-cat --logits all,answer --threads 1 \
+        --out benchmarks/results/finetune_speed_gemma3.json
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import torch
 
 VARIANTS = ("full-ce", "full-cat", "lora-ce", "lora-cat")
 TEMPLATES = ("plain", "chat")
+LOGITS = ("all", "answer")
 
 
 def parse_args(argv=None):
@@ -52,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--templates", default=",".join(TEMPLATES),
                    help="plain (prompt + target) and/or chat (the tokenizer's chat template)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--logits", default="all",
+                   help="all (the LM head at every position) and/or answer (only where a label is "
+                   "predicted: answer_logits_only), comma-separated; each variant runs with each")
     p.add_argument("--cat-layers", default="all",
                    help="layers the probe averages: 'all' (the paper, the default here) or e.g. -1 "
                    "(the experiment runner's default)")
@@ -66,7 +78,9 @@ def parse_args(argv=None):
     args.threads = [int(x) for x in args.threads.split(",") if x]
     args.templates = [t for t in args.templates.split(",") if t]
     args.variants = [v for v in args.variants.split(",") if v]
-    for name, chosen, allowed in (("templates", args.templates, TEMPLATES), ("variants", args.variants, VARIANTS)):
+    args.logits = [x for x in args.logits.split(",") if x]
+    for name, chosen, allowed in (("templates", args.templates, TEMPLATES), ("variants", args.variants, VARIANTS),
+                                  ("logits", args.logits, LOGITS)):
         bad = set(chosen) - set(allowed)
         if bad:
             p.error(f"unknown {name} {sorted(bad)}; choose from {allowed}")
@@ -106,12 +120,16 @@ def batches(args, tok, template: str, n: int) -> list[dict]:
     return out
 
 
-def train_step(setup, batch, cat: bool, args, layers) -> float:
+def train_step(setup, batch, cat: bool, args, layers, answer_logits: bool = False) -> float:
     from cattune.attention import AttentionProbe
     from cattune.loss import re_attention_loss_rows
 
     model, optimizer = setup["model"], setup["optimizer"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    if answer_logits:  # as CATTrainer.compute_loss does with answer_logits_only
+        shifted = torch.nn.functional.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
+        keep = shifted != -100
+        inputs.update(logits_to_keep=keep, shift_labels=shifted[keep])
     if cat:
         probe = AttentionProbe(batch["rows"], layers=layers)
         out = model(**inputs, use_cache=False, cat_probe=probe)
@@ -150,42 +168,47 @@ def run(args) -> dict:
     data = {t: batches(args, tok, t, n) for t in args.templates}
     results = []
     t_start = time.perf_counter()
+    combos = [(v, lg) for lg in args.logits for v in args.variants]
     for threads in args.threads:
         torch.set_num_threads(threads)
         for template in args.templates:
-            times = {v: [] for v in args.variants}
-            cpu = {v: [] for v in args.variants}
+            times = {c: [] for c in combos}
+            cpu = {c: [] for c in combos}
             for s in range(n):
-                k = s % len(args.variants)
-                for v in args.variants[k:] + args.variants[:k]:  # rotate the order every step
-                    mode, loss = v.split("-")
+                k = s % len(combos)
+                for c in combos[k:] + combos[:k]:  # rotate the order every step
+                    mode, loss = c[0].split("-")
                     t0, c0 = time.perf_counter(), time.process_time()
-                    train_step(setups[mode], data[template][s], loss == "cat", args, layers)
+                    train_step(setups[mode], data[template][s], loss == "cat", args, layers, c[1] == "answer")
                     if s >= args.warmup:
-                        times[v].append(time.perf_counter() - t0)
-                        cpu[v].append(time.process_time() - c0)
+                        times[c].append(time.perf_counter() - t0)
+                        cpu[c].append(time.process_time() - c0)
             # Other jobs' load during this block: with 2 threads on 2 shared cores a busy
             # machine slows a step far more than the load suggests (spinning OpenMP threads).
             load_avg = list(os.getloadavg())
             timed = data[template][args.warmup:]
             tokens = _common.median([b["tokens"] for b in timed])
             padded = _common.median([b["input_ids"].numel() for b in timed])
-            for v in args.variants:
+            for v, lg in combos:
                 mode = v.split("-")[0]
-                med = _common.median(times[v])
+                med = _common.median(times[v, lg])
+                ce = (f"{mode}-ce", lg)
                 results.append({
-                    "threads": threads, "template": template, "variant": v, "steps": len(times[v]),
+                    "threads": threads, "template": template, "variant": v, "logits": lg, "steps": len(times[v, lg]),
                     "batch": args.batch, "length": _common.median([b["input_ids"].shape[1] for b in timed]),
                     "tokens_per_step": tokens, "padded_tokens_per_step": padded,
-                    "times_s": times[v], "median_s": med,
+                    "times_s": times[v, lg], "median_s": med,
                     # Per-step tokens over per-step seconds, then the median.
-                    "tokens_per_s": _common.median([b["tokens"] / t for b, t in zip(timed, times[v])]),
-                    "cpu_times_s": cpu[v], "cpu_median_s": _common.median(cpu[v]),
-                    "time_ratio_vs_ce": med / _common.median(times[f"{mode}-ce"]) if f"{mode}-ce" in times else None,
+                    "tokens_per_s": _common.median([b["tokens"] / t for b, t in zip(timed, times[v, lg])]),
+                    "cpu_times_s": cpu[v, lg], "cpu_median_s": _common.median(cpu[v, lg]),
+                    "time_ratio_vs_ce": med / _common.median(times[ce]) if ce in times else None,
+                    # answer logits only against the LM head everywhere, same variant (paired medians)
+                    "time_ratio_vs_all_logits": (_common.median([t / a for t, a in zip(times[v, lg], times[v, "all"])])
+                                                 if (v, "all") in times else None),
                     "trainable_params": setups[mode]["trainable"], "load_average_after": load_avg,
                 })
             print(f"threads={threads} {template}: "
-                  + ", ".join(f"{v} {_common.median(times[v]):.2f}s" for v in args.variants)
+                  + ", ".join(f"{v}/{lg} {_common.median(times[v, lg]):.2f}s" for v, lg in combos)
                   + f"  [{time.perf_counter() - t_start:.0f}s so far]", flush=True)
     steps_per_epoch = -(-args.records // args.batch)
     for r in results:
@@ -198,13 +221,15 @@ def run(args) -> dict:
 
 def render(payload: dict) -> str:
     a, pr = payload["args"], payload["projected_run"]
-    headers = ["threads", "template", "L", "tokens/step", "variant", "steps", "s/step", "tokens/s",
-               "vs CE", "CPU s/step", f"{pr['steps']}-step run, min"]
+    headers = ["threads", "template", "L", "tokens/step", "variant", "logits", "steps", "s/step", "tokens/s",
+               "vs CE", "vs all logits", "CPU s/step", f"{pr['steps']}-step run, min"]
     rows = []
     for r in payload["results"]:
+        ratio = r.get("time_ratio_vs_all_logits")
         rows.append([r["threads"], r["template"], f"{r['length']:.0f}", f"{r['tokens_per_step']:.0f}", r["variant"],
-                     r["steps"], f"{r['median_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+                     r.get("logits", "all"), r["steps"], f"{r['median_s']:.2f}", f"{r['tokens_per_s']:.0f}",
                      "" if r["time_ratio_vs_ce"] is None else f"{r['time_ratio_vs_ce']:.3f}x",
+                     "" if ratio is None else f"{ratio:.3f}x",
                      f"{r['cpu_median_s']:.2f}", f"{r['projected_run_min']:.1f}"])
     params = ", ".join(f"{m}: {p['trainable'] / 1e6:.1f}M of {p['total'] / 1e6:.1f}M trained"
                        for m, p in payload["params"].items())
