@@ -10,6 +10,7 @@ the field's name. Used by experiment configs and ``cattune train --config``.
 from __future__ import annotations
 
 import enum
+import math
 import types as pytypes
 import typing
 from typing import Any
@@ -107,3 +108,22 @@ def _type_name(tp: Any) -> str:
     members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, pytypes.UnionType) else (tp,)
     return " or ".join(names.get(m, getattr(m, "__name__", str(m))) for m in members)
 
+
+def check_number(name: str, value: Any, low: float, high: float | None = None, *, integer: bool = False,
+                 above: bool = False, unit: str = "", shown: str | None = None) -> Any:
+    """``value`` if it is a finite number (an int with ``integer``) from ``low`` (excluded
+    with ``above``) to ``high``; else ``ValueError``: "NAME must be ..., got VALUE" (or ``shown``)."""
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    ok = ok and (integer or math.isfinite(value)) and (value > low if above else value >= low)
+    ok = ok and (high is None or value <= high)
+    if not ok:
+        if above and low == 0:
+            what = f"{'a positive integer' if integer else 'a positive number'}{unit}"
+            what += f" up to {high:g}" if high is not None else ""
+        elif high is None:
+            what = f"{kind}{unit} >= {low:g}"
+        else:
+            what = f"{kind}{unit} from {low:g} to {high:g}"
+        raise ValueError(f"{name + ' ' if name else ''}must be {what}, got {shown or repr(value)}")
+    return value

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from ..fields import check_number
 from ..records import Annotation, Record
 from .prompt import build_messages
 from .replies import NESTED_TOO_DEEPLY, ReplyError, check_annotation, dumps, parse_reply, preview
@@ -71,26 +72,6 @@ _FORMAT_REFUSAL = re.compile(r"response[_ ]?format|json[_ ]?schema|structured[_ 
 # a server asking for more (a daily quota, or a hostile 1e12) fails the record now.
 MAX_WAIT_S = 3600.0
 MAX_RETRIES = 100
-
-
-def check_number(name: str, value: Any, low: float, high: float | None = None, *, integer: bool = False,
-                 above: bool = False, unit: str = "", shown: str | None = None) -> Any:
-    """``value`` if it is a finite number (an int with ``integer``) from ``low`` (excluded
-    with ``above``) to ``high``; else ``ValueError``: "NAME must be ..., got VALUE" (or ``shown``)."""
-    kind = "an integer" if integer else "a number"
-    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    ok = ok and (integer or math.isfinite(value)) and (value > low if above else value >= low)
-    ok = ok and (high is None or value <= high)
-    if not ok:
-        if above and low == 0:
-            what = f"{'a positive integer' if integer else 'a positive number'}{unit}"
-            what += f" up to {high:g}" if high is not None else ""
-        elif high is None:
-            what = f"{kind}{unit} >= {low:g}"
-        else:
-            what = f"{kind}{unit} from {low:g} to {high:g}"
-        raise ValueError(f"{name + ' ' if name else ''}must be {what}, got {shown or repr(value)}")
-    return value
 
 
 # Nothing listens at the base URL (closed port, unknown host): a setup error, so only a

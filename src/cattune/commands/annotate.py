@@ -24,7 +24,7 @@ import warnings
 from typing import Any, Callable
 
 from ..annotate.llm import (
-    MAX_RETRIES, MAX_WAIT_S, STRUCTURED_MODES, EndpointError, LLMAnnotator, Outcome, check_number, make_client,
+    MAX_RETRIES, MAX_WAIT_S, STRUCTURED_MODES, EndpointError, LLMAnnotator, Outcome, make_client,
 )
 from ..annotate.output import check_paths, lock_path_for, report_path_for, work_path_for
 from ..annotate.pipeline import annotate_file, check_alignment, rules_annotator
@@ -32,6 +32,7 @@ from ..annotate.prompt import load_demos, load_instructions, read_records
 from ..annotate.secrets import Redactor
 from ..masks import DEFAULT_MAX_LENGTH, DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from ..records import Record
+from .common import number_option
 
 def _load_tokenizer(args, items):
     if args.tokenizer:
@@ -68,24 +69,6 @@ def _run_check(args) -> int:
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def _number(integer: bool = False, low: float = 0, high: float | None = None, *, above: bool = False,
-            unit: str = "", none: bool = False) -> Callable[[str], Any]:
-    """An argparse type: a finite number in range (``check_number``); ``none``: or 'none'."""
-    def parse(text: str):
-        if none and text.lower() == "none":
-            return None
-        try:
-            value = int(text) if integer else float(text)
-        except ValueError:
-            value = text
-        try:
-            return check_number("", value, low, high, integer=integer, above=above, unit=unit, shown=repr(text))
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{e}; 'none' sends none" if none else str(e)) from None
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,12 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(shipped math word problems); every demo pair must be valid (default: none, zero-shot)")
     llm.add_argument("--instructions", default="builtin:generic", metavar="FILE",
                      help="task instructions (Markdown), or builtin:generic / builtin:math (default: %(default)s)")
-    llm.add_argument("--temperature", metavar="T", type=_number(low=0, high=2, none=True), default=0.9,
+    llm.add_argument("--temperature", metavar="T", type=number_option(float, low=0, high=2, none=True), default=0.9,
                      help="sampling temperature; 'none' sends none, for models that refuse it "
                      "(default: %(default)s, as the paper's release)")
-    llm.add_argument("--top-p", metavar="P", type=_number(low=0, high=1, none=True), default=0.7,
+    llm.add_argument("--top-p", metavar="P", type=number_option(float, low=0, high=1, none=True), default=0.7,
                      help="nucleus sampling top_p; 'none' sends none (default: %(default)s, as the paper's release)")
-    llm.add_argument("--max-tokens", metavar="N", type=_number(integer=True), default=1024,
+    llm.add_argument("--max-tokens", metavar="N", type=number_option(int), default=1024,
                      help="reply length limit (max_tokens); 0 sends none (default: %(default)s)")
     llm.add_argument("--structured", choices=STRUCTURED_MODES, default="auto",
                      help="ask for replies matching a JSON schema of the annotation (response_format json_schema): "
@@ -141,15 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--json-mode", action="store_true", help="ask for response_format json_object whenever "
                      "json_schema is not sent (--structured off, or after an 'auto' fallback); OpenAI, vLLM and "
                      "Ollama support it (default: off)")
-    llm.add_argument("--timeout", metavar="SECONDS", type=_number(above=True, high=MAX_WAIT_S, unit=" of seconds"), default=120.0, help="seconds before a request counts as timed out "
+    llm.add_argument("--timeout", metavar="SECONDS", type=number_option(float, strict=True, high=MAX_WAIT_S, unit=" of seconds"), default=120.0, help="seconds before a request counts as timed out "
                      "and is retried (default: %(default)s)")
-    llm.add_argument("--concurrency", metavar="N", type=_number(integer=True, low=1, high=1024), default=4, help="requests in flight at once (default: %(default)s)")
-    llm.add_argument("--max-retries", metavar="N", type=_number(integer=True, high=MAX_RETRIES), default=6, help="retries of a request after 429, 5xx, timeout or "
+    llm.add_argument("--concurrency", metavar="N", type=number_option(int, low=1, high=1024), default=4, help="requests in flight at once (default: %(default)s)")
+    llm.add_argument("--max-retries", metavar="N", type=number_option(int, high=MAX_RETRIES), default=6, help="retries of a request after 429, 5xx, timeout or "
                      "connection errors; then the record is left out and reported as failed (default: %(default)s)")
-    llm.add_argument("--backoff-base", metavar="SECONDS", type=_number(high=MAX_WAIT_S, unit=" of seconds"), default=1.0, help="seconds before the first retry, doubled each "
+    llm.add_argument("--backoff-base", metavar="SECONDS", type=number_option(float, high=MAX_WAIT_S, unit=" of seconds"), default=1.0, help="seconds before the first retry, doubled each "
                      "time, with jitter; a Retry-After header is honoured (default: %(default)s)")
-    llm.add_argument("--backoff-max", metavar="SECONDS", type=_number(high=MAX_WAIT_S, unit=" of seconds"), default=60.0, help="longest wait between retries, in seconds (default: %(default)s)")
-    llm.add_argument("--reply-retries", metavar="N", type=_number(integer=True, high=MAX_RETRIES), default=2, help="times a record is asked again when the reply is "
+    llm.add_argument("--backoff-max", metavar="SECONDS", type=number_option(float, high=MAX_WAIT_S, unit=" of seconds"), default=60.0, help="longest wait between retries, in seconds (default: %(default)s)")
+    llm.add_argument("--reply-retries", metavar="N", type=number_option(int, high=MAX_RETRIES), default=2, help="times a record is asked again when the reply is "
                      "unparseable or has no valid pair; then it is written with an empty annotation and the reason "
                      "in 'cat_empty_reason' (default: %(default)s)")
     llm.add_argument("--show-prompt", action="store_true", help="print the chat messages for the first record "
@@ -164,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "with an empty annotation")
     run.add_argument("--keep-existing", action="store_true", help="copy records that already have an 'important' "
                      "instead of annotating them again")
-    run.add_argument("--limit", type=_number(integer=True), metavar="N", help="annotate only the first N records (try a prompt cheaply; "
+    run.add_argument("--limit", type=number_option(int), metavar="N", help="annotate only the first N records (try a prompt cheaply; "
                      "default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -173,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: a BPE tokenizer trained on the input, see --tokenizer-kind)")
     chk.add_argument("--tokenizer-kind", choices=("bytelevel", "metaspace"), default="bytelevel",
                      help="kind of tokenizer trained when --tokenizer is not given (default: %(default)s)")
-    chk.add_argument("--max-length", metavar="N", type=_number(integer=True, low=1), default=DEFAULT_MAX_LENGTH,
+    chk.add_argument("--max-length", metavar="N", type=number_option(int, low=1), default=DEFAULT_MAX_LENGTH,
                      help="truncate records to this many tokens, as training does (default: training's, %(default)s)")
     chk.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
                      help="which tokens of a value become columns, as in training (default: %(default)s)")

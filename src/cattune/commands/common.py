@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
+from ..fields import check_number
 from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 from ..models import layers_option
 from ..records import atomic_write_text
@@ -38,20 +38,22 @@ def add_training_settings_options(group, measured: str) -> None:
                        "(cattune.json), else off")
 
 
-def number_option(kind: type = float, low: float = 0, strict: bool = False):
-    """An argparse ``type``: a finite ``kind`` at least ``low`` (above it if ``strict``).
+def number_option(kind: type = float, low: float = 0, high: float | None = None, *, strict: bool = False,
+                  unit: str = "", none: bool = False):
+    """An argparse ``type``: a finite ``kind`` from ``low`` (excluded if ``strict``) to
+    ``high`` (``fields.check_number``); with ``none``, also the word 'none' (None).
     nan compares False with everything, so an unchecked one silently passes every test."""
-    noun = "an integer" if kind is int else "a number"
-    bound = f"> {low}" if strict else f"{low} or more"
-
     def parse(text: str):
+        if none and text.lower() == "none":
+            return None
         try:
             value = kind(text)
         except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {noun}, {bound}, got {text!r}")
-        return value
+            value = text
+        try:
+            return check_number("", value, low, high, integer=kind is int, above=strict, unit=unit, shown=repr(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e}; 'none' sends none" if none else str(e)) from None
 
     return parse
 
