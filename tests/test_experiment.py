@@ -485,12 +485,17 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
 
     work = tmp_path / ".run.partial"
     (work / "checkpoint-2").mkdir(parents=True)
+    (work / "checkpoint-2" / "trainer_state.json").write_text("{}")
     (work / "checkpoint-2" / "cattune_train_seconds.json").write_text('{"train_seconds": 5.0}')
     (work / "settings").write_text("abc\n")  # stamped before the data was: still resumed
     assert _resume_point(work, "abc", "d1") == (str(work / "checkpoint-2"), 5.0)
-    (work / "checkpoint-4").mkdir()  # killed while saving: no time file yet
+    (work / "checkpoint-4").mkdir()  # killed while saving: no state file yet
     assert _resume_point(work, "abc", "d1")[0] == str(work / "checkpoint-2")
     assert not (work / "checkpoint-4").exists()  # else the Trainer's rotation would keep it, not checkpoint-2
+    (work / "checkpoint-6").mkdir()  # the Trainer's state written, the time file not yet
+    (work / "checkpoint-6" / "trainer_state.json").write_text("{}")
+    assert _resume_point(work, "abc", "d1")[0] == str(work / "checkpoint-2")
+    assert not (work / "checkpoint-6").exists()
     (work / "settings").write_text("abc d1\n")
     assert _resume_point(work, "abc", "d1")[0] == str(work / "checkpoint-2")
     assert _resume_point(work, "abc", "d2") == (None, 0.0) and not work.exists()  # the task file changed

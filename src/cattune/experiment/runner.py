@@ -119,14 +119,15 @@ def _resume_point(work: Path, settings: str, data: str) -> tuple[str | None, flo
     written = stamp.read_text().split() if stamp.is_file() else []
     if work.is_dir() and (written[:1] != [settings] or written[1:2] not in ([], [data])):
         shutil.rmtree(work, ignore_errors=True)
-    checkpoints = sorted(work.glob("checkpoint-*"), key=lambda d: int(d.name.rpartition("-")[2])
-                         if d.name.rpartition("-")[2].isdigit() else -1)
-    # A kill mid-save leaves one without its time file: take the one before, and remove the
-    # cut one, or the Trainer's rotation (by step) would keep it and delete the good ones.
-    complete = [c for c in checkpoints if (c / ELAPSED).is_file()]
-    for ckpt in checkpoints:
-        if ckpt not in complete:
-            shutil.rmtree(ckpt, ignore_errors=True)
+    from ..trainer import checkpoints
+
+    complete, cut = checkpoints(work) if work.is_dir() else ([], [])
+    # A kill mid-save leaves one without its state or time file: take the one before, and
+    # remove the cut one, or the Trainer's rotation (by step) would keep it and delete the good ones.
+    cut += [c for c in complete if not (c / ELAPSED).is_file()]
+    complete = [c for c in complete if (c / ELAPSED).is_file()]
+    for ckpt in cut:
+        shutil.rmtree(ckpt, ignore_errors=True)
     if complete:
         return str(complete[-1]), float(json.loads((complete[-1] / ELAPSED).read_text())["train_seconds"])
     return None, 0.0
