@@ -1,17 +1,36 @@
-"""Shared fixtures: the paper's data, and locally trained tokenizers.
+"""Shared fixtures: the paper's data, locally trained tokenizers, a fake OpenAI endpoint;
+and one model cache for the whole test session.
 
 The data is the full release in shared/data beside the checkout when it is there, else
 the first few dozen records of each released file, kept in tests/data/ (the same file
 names and layout), so that every test module runs in any clone. Tests that compare
 with the full released files take the ``release_dir`` fixture and are skipped without it.
+
+The cache ($CATTUNE_CACHE, where the built-in models are joined and converted) is a
+temporary directory made when this file is imported, removed when the session ends: no
+test writes into ~/.cache. pytest-xdist workers inherit it from the controller, so the
+file locks of cattune.models make each model be converted once per session however
+many workers want it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# The session's cache, made before anything can load a model. The controller of an xdist
+# run makes it and sets it in the environment that its workers (and every CLI subprocess
+# a test starts) inherit; a worker, or a pytest started by a test, uses the one it finds.
+_SESSION_CACHE = "CATTUNE_TEST_SESSION_CACHE"
+_OWN_CACHE = None
+if not os.environ.get(_SESSION_CACHE):
+    _OWN_CACHE = tempfile.mkdtemp(prefix="cattune-test-cache-")
+    os.environ[_SESSION_CACHE] = _OWN_CACHE
+os.environ["CATTUNE_CACHE"] = os.environ[_SESSION_CACHE]
 
 # Under pytest-xdist each worker has one core's share (the Makefile starts one worker per
 # core): one torch thread here, and the same for the CLI subprocesses a test starts, which
@@ -22,6 +41,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+from fake_openai import FakeOpenAI
 
 from cattune.records import load_records
 from cattune.sources import find_data_dir as find_shared_data
@@ -51,6 +72,11 @@ STG_E_FILES = {
     "ood_test": "spurious_token_game_ood3_2.jsonl",
 }
 STG_H_FILES = {"train": "STG_H_train.jsonl", "iid_test": "STG_H_iid_test.jsonl", "ood_test": "STG_H_ood_test.jsonl"}
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:  # the session's end: every xdist worker has finished
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +125,22 @@ def tokenizers(annotated_corpus):
     texts = [r.text for records in annotated_corpus.values() for r in records]
     return {kind: train_tokenizer(texts, kind, vocab_size=1000, individual_digits=True)
             for kind in ("bytelevel", "metaspace")}
+
+
+@pytest.fixture
+def fake_openai(monkeypatch):
+    """Starts fake OpenAI-compatible endpoints on 127.0.0.1 (tests/fake_openai.py):
+    ``fake_openai(answers, script=None, delay=0.0, refuse=None)`` returns a ``FakeOpenAI``
+    whose ``url`` is the base URL; all are stopped after the test. The client in the test's
+    process is kept from a proxy and from $OPENAI_BASE_URL."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    servers = []
+
+    def start(answers, script=None, **options):
+        servers.append(FakeOpenAI(answers, script, **options))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

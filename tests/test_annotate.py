@@ -1,8 +1,9 @@
-"""``cattune annotate`` end to end against a real OpenAI-compatible HTTP stub on 127.0.0.1.
+"""``cattune annotate`` end to end against a real OpenAI-compatible HTTP server on 127.0.0.1.
 
-The stub answers each record according to a script (good, fenced or listed JSON,
-garbage, 429, 500, 400, a reply slower than the client timeout, ...) and counts what it
-served, so the pipeline's report can be checked against what really happened.
+The server (``fake_openai``, tests/fake_openai.py) answers each record according to a
+script (good, fenced or listed JSON, garbage, 429, 500, 400, a reply slower than the
+client timeout, ...) and counts what it served, so the pipeline's report can be checked
+against what really happened.
 """
 
 import json
@@ -12,8 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,8 +20,8 @@ from cattune import cli
 from cattune.commands import annotate as command
 from cattune.records import RecordError
 
+# a 1 s client timeout: the fake endpoint's "slow" reply (fake_openai.SLOW_S) comes after it
 FAST = ["--backoff-base", "0.01", "--backoff-max", "0.05", "--timeout", "1.0", "--no-progress"]
-SLOW_S = 2.5  # a "slow" reply comes after the client's 1 s timeout
 
 
 def make_records(n, with_id=False):
@@ -47,127 +46,6 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class Stub:
-    """OpenAI-compatible /v1/chat/completions with scripted replies per record."""
-
-    def __init__(self, answers, script=None, delay=0.0):
-        self.answers = answers  # prompt -> the annotation a good reply carries
-        self.script = script or {}  # prompt -> behaviour per request; then "good"
-        self.delay = delay
-        self.requests = Counter()  # prompt -> requests received
-        self.served = Counter()  # behaviour -> replies sent
-        self.auth = set()
-        self.gate_after = None  # requests beyond this many hang until `gate` is set
-        self.gate = threading.Event()
-        self.lock = threading.Lock()
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.auth.add(self.headers.get("Authorization"))
-                if self.path != "/v1/chat/completions":
-                    return self._send(404, {"error": {"message": "no such route"}})
-                try:
-                    status, payload, headers = stub.reply(body)
-                except BrokenPipeError:
-                    return
-                self._send(status, payload, headers)
-
-            def _send(self, status, payload, headers=()):
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for name, value in headers:
-                        self.send_header(name, value)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.gate.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-    def reply(self, body):
-        content = body["messages"][-1]["content"]
-        prompt = next(p for p in self.answers if json.dumps(p) in content)
-        with self.lock:
-            n = self.requests[prompt]
-            self.requests[prompt] += 1
-            total = sum(self.requests.values())
-            steps = self.script.get(prompt, [])
-            behaviour = steps[n] if n < len(steps) else "good"
-            if behaviour == "always-500":
-                behaviour = "500"
-        if self.gate_after is not None and total > self.gate_after:
-            self.gate.wait()
-            raise BrokenPipeError  # the client was killed meanwhile
-        if self.delay:
-            time.sleep(self.delay)
-        answer = self.answers[prompt]
-        text = json.dumps(answer)
-        if behaviour == "429":
-            self._count("429")
-            return 429, {"error": {"message": "rate limited", "type": "rate_limit"}}, [("Retry-After", "0")]
-        if behaviour in ("500", "400", "401"):
-            self._count(behaviour)
-            return int(behaviour), {"error": {"message": f"stub says {behaviour}"}}, []
-        if behaviour == "slow":
-            self._count("slow")
-            time.sleep(SLOW_S)
-            raise BrokenPipeError
-        contents = {
-            "good": text,
-            "fenced": f"Here you go:\n```json\n{json.dumps(answer, indent=2)}\n```\nAnything else?",
-            "list": "Annotation: " + json.dumps([{k: v} for k, v in answer.items()]) + " (end)",
-            "garbage": "I am sorry, I cannot do that.",
-            "empty": "{}",
-            "invalid": json.dumps({"Zed": ["apples"], "Case": ["Answer"]}),
-            "mixed": json.dumps({**answer, "Case": ["Answer"], "Bob": ["Zoe"]}),
-        }
-        self._count(behaviour)
-        message = {"role": "assistant", "content": contents[behaviour]}
-        payload = {
-            "id": "chatcmpl-stub",
-            "object": "chat.completion",
-            "created": 0,
-            "model": body["model"],
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107},
-        }
-        return 200, payload, []
-
-    def _count(self, behaviour):
-        with self.lock:
-            self.served[behaviour] += 1
-
-
-@pytest.fixture
-def env(monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    stubs = []
-
-    def start(answers, script=None, delay=0.0):
-        stubs.append(Stub(answers, script, delay))
-        return stubs[-1]
-
-    yield start
-    for stub in stubs:
-        stub.close()
-
-
 def annotate(*argv):
     args = command.build_parser().parse_args([str(a) for a in argv])
     return command.run(args)
@@ -180,7 +58,7 @@ def llm_args(stub, inp, out, *extra):
 # --------------------------------------------------------------------------- the pipeline
 
 
-def test_every_kind_of_reply_ends_with_each_record_once_and_the_right_counts(env, tmp_path, capsys):
+def test_every_kind_of_reply_ends_with_each_record_once_and_the_right_counts(fake_openai, tmp_path, capsys):
     records, answers = make_records(14)
     prompts = [r["input"] for r in records]
     script = {
@@ -196,7 +74,7 @@ def test_every_kind_of_reply_ends_with_each_record_once_and_the_right_counts(env
         prompts[9]: ["empty", "good"],
         prompts[10]: ["invalid", "good"],  # two invalid pairs, then good
     }
-    stub = env(answers, script)
+    stub = fake_openai(answers, script)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
 
@@ -234,10 +112,10 @@ def test_every_kind_of_reply_ends_with_each_record_once_and_the_right_counts(env
     assert "dropped spans: 4" in printed and f"tokens: {100 * replies_200} prompt" in printed
 
 
-def test_records_that_outlast_the_retries_are_left_out_then_done_by_a_rerun(env, tmp_path, capsys):
+def test_records_that_outlast_the_retries_are_left_out_then_done_by_a_rerun(fake_openai, tmp_path, capsys):
     records, answers = make_records(6, with_id=True)
     prompts = [r["input"] for r in records]
-    stub = env(answers, {prompts[2]: ["always-500"] * 3})
+    stub = fake_openai(answers, {prompts[2]: ["always-500"] * 3})
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
 
@@ -259,9 +137,9 @@ def test_records_that_outlast_the_retries_are_left_out_then_done_by_a_rerun(env,
     assert stub.requests[prompts[0]] == 1  # nothing done twice
 
 
-def test_a_refusing_endpoint_stops_the_run_and_the_key_is_never_written(env, tmp_path, monkeypatch, capsys):
+def test_a_refusing_endpoint_stops_the_run_and_the_key_is_never_written(fake_openai, tmp_path, monkeypatch, capsys):
     records, answers = make_records(4)
-    stub = env(answers, {r["input"]: ["401"] for r in records})
+    stub = fake_openai(answers, {r["input"]: ["401"] for r in records})
     secret = "sk-test-very-secret-1234"
     monkeypatch.setenv("CATTUNE_TEST_KEY", secret)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -277,9 +155,9 @@ def test_a_refusing_endpoint_stops_the_run_and_the_key_is_never_written(env, tmp
     assert read_jsonl(out) == []
 
 
-def test_requests_rejected_in_a_row_stop_the_run(env, tmp_path):
+def test_requests_rejected_in_a_row_stop_the_run(fake_openai, tmp_path):
     records, answers = make_records(5)
-    stub = env(answers, {r["input"]: ["400"] for r in records})
+    stub = fake_openai(answers, {r["input"]: ["400"] for r in records})
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     with pytest.raises(RuntimeError, match="3 records in a row failed at the endpoint.*HTTP 400"):
@@ -287,9 +165,9 @@ def test_requests_rejected_in_a_row_stop_the_run(env, tmp_path):
     assert len(read_jsonl(out)) == 3  # written with the reason, as the rejection is final
 
 
-def test_resume_skips_done_records_repairs_a_torn_last_line_and_redoes_empty_ones(env, tmp_path):
+def test_resume_skips_done_records_repairs_a_torn_last_line_and_redoes_empty_ones(fake_openai, tmp_path):
     records, answers = make_records(6)
-    stub = env(answers)
+    stub = fake_openai(answers)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     assert annotate(*llm_args(stub, inp, out)) == 0
@@ -311,9 +189,9 @@ def test_resume_skips_done_records_repairs_a_torn_last_line_and_redoes_empty_one
     assert out.read_text().splitlines(keepends=True) == lines
 
 
-def test_an_output_of_another_input_is_refused_not_mixed(env, tmp_path):
+def test_an_output_of_another_input_is_refused_not_mixed(fake_openai, tmp_path):
     records, answers = make_records(3)
-    stub = env(answers)
+    stub = fake_openai(answers)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     assert annotate(*llm_args(stub, inp, out)) == 0
@@ -328,9 +206,9 @@ def test_an_output_of_another_input_is_refused_not_mixed(env, tmp_path):
     assert all("Eve" in line["input"] for line in read_jsonl(out))
 
 
-def test_broken_input_line_is_reported_with_file_and_line_and_nothing_is_written(env, tmp_path, capsys):
+def test_broken_input_line_is_reported_with_file_and_line_and_nothing_is_written(fake_openai, tmp_path, capsys):
     records, answers = make_records(3)
-    stub = env(answers)
+    stub = fake_openai(answers)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps(records[0]) + "\n" + json.dumps(records[1]) + "\n" + '{"input": "x", "target": \n')
     code = cli.main(["annotate", *map(str, llm_args(stub, inp, out))])
@@ -340,10 +218,10 @@ def test_broken_input_line_is_reported_with_file_and_line_and_nothing_is_written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
-def test_keep_existing_and_limit(env, tmp_path):
+def test_keep_existing_and_limit(fake_openai, tmp_path):
     records, answers = make_records(5)
     records[1]["important"] = [{"Answer": ["Ann"]}]
-    stub = env(answers)
+    stub = fake_openai(answers)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     assert annotate(*llm_args(stub, inp, out, "--keep-existing", "--limit", "3")) == 0
@@ -354,9 +232,9 @@ def test_keep_existing_and_limit(env, tmp_path):
     assert (report["kept_existing"], report["annotated"], report["complete"]) == (1, 2, False)
 
 
-def test_show_prompt_prints_the_messages_without_a_request(env, tmp_path, capsys):
+def test_show_prompt_prints_the_messages_without_a_request(fake_openai, tmp_path, capsys):
     records, answers = make_records(2)
-    stub = env(answers)
+    stub = fake_openai(answers)
     inp = tmp_path / "in.jsonl"
     write_jsonl(inp, records)
     argv = ["--input", inp, "--base-url", stub.url, "--model", "m", "--demos", "builtin:math",
@@ -367,10 +245,10 @@ def test_show_prompt_prints_the_messages_without_a_request(env, tmp_path, capsys
     assert records[0]["input"] in messages[-1]["content"] and not stub.requests
 
 
-def test_kill_midway_then_the_same_command_finishes_every_record_once(env, tmp_path):
+def test_kill_midway_then_the_same_command_finishes_every_record_once(fake_openai, tmp_path):
     n, answered = 30, 8
     records, answers = make_records(n, with_id=True)
-    stub = env(answers, delay=0.01)
+    stub = fake_openai(answers, delay=0.01)
     stub.gate_after = answered  # later requests hang: the run is stuck midway when killed
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
@@ -497,42 +375,11 @@ def test_annotate_file_from_python_can_be_stopped_and_resumed(tmp_path):
 # --------------------------------------------------------------------------- --structured
 
 
-class FormatStub(Stub):
-    """A stub that records each request's response_format and can refuse json_schema."""
-
-    def __init__(self, answers, refuse=None):
-        super().__init__(answers)
-        self.refuse = refuse  # (status, message) answered to requests carrying json_schema
-        self.formats = []
-
-    def reply(self, body):
-        fmt = body.get("response_format")
-        with self.lock:
-            self.formats.append(fmt)
-        if self.refuse and fmt and fmt.get("type") == "json_schema":
-            status, message = self.refuse
-            return status, {"error": {"message": message, "type": "invalid_request_error"}}, []
-        return super().reply(body)
-
-
-@pytest.fixture
-def format_stub(env):
-    stubs = []
-
-    def start(answers, refuse=None):
-        stubs.append(FormatStub(answers, refuse))
-        return stubs[-1]
-
-    yield start
-    for stub in stubs:
-        stub.close()
-
-
-def test_structured_auto_sends_the_annotation_schema(format_stub, tmp_path):
+def test_structured_auto_sends_the_annotation_schema(fake_openai, tmp_path):
     from cattune.annotate.llm import ANNOTATION_SCHEMA
 
     records, answers = make_records(3)
-    stub = format_stub(answers)
+    stub = fake_openai(answers)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     assert annotate(*llm_args(stub, inp, out)) == 0
@@ -551,9 +398,9 @@ def test_structured_auto_sends_the_annotation_schema(format_stub, tmp_path):
 
 @pytest.mark.parametrize("flags, expected", [(["--structured", "off"], None),
                                              (["--structured", "off", "--json-mode"], "json_object")])
-def test_structured_off_sends_no_schema(format_stub, tmp_path, flags, expected):
+def test_structured_off_sends_no_schema(fake_openai, tmp_path, flags, expected):
     records, answers = make_records(2)
-    stub = format_stub(answers)
+    stub = fake_openai(answers)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     assert annotate(*llm_args(stub, inp, out, *flags)) == 0
@@ -567,9 +414,9 @@ def test_structured_off_sends_no_schema(format_stub, tmp_path, flags, expected):
     (500, 'response_format type must be one of "text" or "json_object", but got: json_schema'),  # ik_llama.cpp
 ])
 @pytest.mark.parametrize("json_mode", [False, True])
-def test_structured_auto_falls_back_once_for_the_rest_of_the_run(format_stub, tmp_path, capsys, refuse, json_mode):
+def test_structured_auto_falls_back_once_for_the_rest_of_the_run(fake_openai, tmp_path, capsys, refuse, json_mode):
     records, answers = make_records(6)
-    stub = format_stub(answers, refuse=refuse)
+    stub = fake_openai(answers, refuse=refuse)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     extra = ["--concurrency", "1"] + (["--json-mode"] if json_mode else [])
@@ -590,9 +437,9 @@ def test_structured_auto_falls_back_once_for_the_rest_of_the_run(format_stub, tm
     assert "structured output: the endpoint refused response_format json_schema" in captured.out
 
 
-def test_structured_fallback_happens_once_with_concurrent_workers(format_stub, tmp_path):
+def test_structured_fallback_happens_once_with_concurrent_workers(fake_openai, tmp_path):
     records, answers = make_records(12)
-    stub = format_stub(answers, refuse=(400, "Unsupported response_format type: json_schema"))
+    stub = fake_openai(answers, refuse=(400, "Unsupported response_format type: json_schema"))
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     assert annotate(*llm_args(stub, inp, out, "--concurrency", "4")) == 0
@@ -605,9 +452,9 @@ def test_structured_fallback_happens_once_with_concurrent_workers(format_stub, t
     assert (report["annotated"], report["requests"]) == (12, 12 + refused)
 
 
-def test_structured_on_stops_the_run_when_the_schema_is_refused(format_stub, tmp_path, capsys):
+def test_structured_on_stops_the_run_when_the_schema_is_refused(fake_openai, tmp_path, capsys):
     records, answers = make_records(3)
-    stub = format_stub(answers, refuse=(400, "response_format json_schema is not supported"))
+    stub = fake_openai(answers, refuse=(400, "response_format json_schema is not supported"))
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     code = cli.main(["annotate", *map(str, llm_args(stub, inp, out, "--structured", "on", "--concurrency", "1"))])
@@ -619,10 +466,10 @@ def test_structured_on_stops_the_run_when_the_schema_is_refused(format_stub, tmp
     assert read_jsonl(out) == [] and 1 <= len(stub.formats) <= 2
 
 
-def test_a_rejection_that_does_not_name_the_format_is_not_a_fallback(format_stub, tmp_path):
+def test_a_rejection_that_does_not_name_the_format_is_not_a_fallback(fake_openai, tmp_path):
     records, answers = make_records(2)
     prompts = [r["input"] for r in records]
-    stub = format_stub(answers)
+    stub = fake_openai(answers)
     stub.script = {prompts[0]: ["400"]}  # "stub says 400": about the record, not the schema
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)

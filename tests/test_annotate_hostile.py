@@ -1,10 +1,11 @@
 """``cattune annotate`` against hostile endpoints and hostile paths.
 
-A small HTTP server on 127.0.0.1 answers each request with whatever a test scripts:
-bodies that are not JSON, JSON that is not a chat completion, message contents that are
-not text, errors that echo the request's credentials. The CLI runs in a subprocess, so a
-traceback or a leaked secret on stderr is seen as a user would see it; further variants
-of a case run in-process (``cli.main``), as each interpreter takes seconds to import.
+The fake endpoint (``fake_openai``, tests/fake_openai.py) answers each request with
+whatever a test scripts: bodies that are not JSON, JSON that is not a chat completion,
+message contents that are not text, errors that echo the request's credentials. The CLI
+runs in a subprocess, so a traceback or a leaked secret on stderr is seen as a user would
+see it; further variants of a case run in-process (``cli.main``), as each interpreter
+takes seconds to import.
 """
 
 import json
@@ -12,14 +13,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from fake_openai import as_json, completion
 from test_annotate import make_records, read_jsonl, write_jsonl
 
 from cattune import cli
@@ -31,85 +30,6 @@ from cattune.annotate.secrets import Redactor
 FAST = ["--backoff-base", "0.01", "--backoff-max", "0.05", "--timeout", "5", "--no-progress"]
 KEY = "sk-test-echoed-9f3c2a7b"  # what the endpoint sees in Authorization
 QUERY_KEY = "q-secret-51d0e8"  # a credential in the base URL's query
-
-
-def completion(content):
-    return {
-        "id": "chatcmpl-hostile", "object": "chat.completion", "created": 0, "model": "m",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-    }
-
-
-def as_json(status, obj):
-    return status, "application/json", json.dumps(obj).encode()
-
-
-class Hostile:
-    """/v1/chat/completions on 127.0.0.1; ``script[prompt]`` answers each request for a record.
-
-    A script entry is a list of behaviours, one per request (then ``"good"``); a behaviour
-    is ``"good"`` or a function ``(request) -> (status, content type, body bytes[, headers])``.
-    """
-
-    def __init__(self, answers, script=None):
-        self.answers = answers
-        self.script = script or {}
-        self.requests = Counter()  # prompt -> requests received
-        self.auth = set()  # Authorization headers received
-        self.paths = set()  # request paths, query included
-        self.lock = threading.Lock()
-        hostile = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                request = {"body": body, "path": self.path, "auth": self.headers.get("Authorization", "")}
-                hostile.auth.add(request["auth"])
-                hostile.paths.add(self.path)
-                status, ctype, data, *headers = hostile.respond(request)  # then a dict of more headers
-                self.send_response(status)
-                for name, value in (headers[0] if headers else {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def respond(self, request):
-        content = request["body"]["messages"][-1]["content"]
-        prompt = next(p for p in self.answers if json.dumps(p) in content)
-        with self.lock:
-            n = self.requests[prompt]
-            self.requests[prompt] += 1
-        steps = self.script.get(prompt, [])
-        behaviour = steps[n] if n < len(steps) else "good"
-        if behaviour == "good":
-            return as_json(200, completion(json.dumps(self.answers[prompt])))
-        return behaviour(request)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def hostile():
-    servers = []
-
-    def start(answers, script=None):
-        servers.append(Hostile(answers, script))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def cattune(*argv, cwd=None, timeout=120, key=KEY):
@@ -170,9 +90,9 @@ def closed_port():
     "report is output", "report is ./output", "report is a link to output", "report is input",
     "report is the demos", "output is the demos", "output is a link to input",
 ])
-def test_an_output_path_that_is_another_path_of_the_command_is_refused(hostile, in_process, tmp_path, case):
+def test_an_output_path_that_is_another_path_of_the_command_is_refused(fake_openai, in_process, tmp_path, case):
     records, answers = make_records(2)
-    server = hostile(answers)
+    server = fake_openai(answers)
     write_jsonl(tmp_path / "in.jsonl", records)
     demos = tmp_path / "demos.jsonl"
     demos.write_text(resolve_file("builtin:math", "demos").read_text())
@@ -214,10 +134,10 @@ def echo_auth_as_text(request):
     return 200, "text/plain", f"debug: Authorization={request['auth']}".encode()
 
 
-def test_the_key_and_url_credentials_echoed_by_the_endpoint_are_never_written_or_printed(hostile, tmp_path):
+def test_the_key_and_url_credentials_echoed_by_the_endpoint_are_never_written_or_printed(fake_openai, tmp_path):
     records, answers = make_records(4)
     prompts = [r["input"] for r in records]
-    server = hostile(answers, {
+    server = fake_openai(answers, {
         prompts[0]: [echo_auth(400)],  # rejected: written empty with the error as the reason
         prompts[1]: [echo_auth(500)] * 2,  # fails after the retries: in the report's failures
         prompts[2]: [echo_auth_as_text] * 3,  # bad replies: written empty with the reply's start
@@ -245,9 +165,9 @@ def test_the_key_and_url_credentials_echoed_by_the_endpoint_are_never_written_or
     assert server.paths == {f"/v1/chat/completions?api-key={QUERY_KEY}"}
 
 
-def test_an_echoed_key_in_a_fatal_answer_is_redacted_on_stderr(hostile, tmp_path):
+def test_an_echoed_key_in_a_fatal_answer_is_redacted_on_stderr(fake_openai, tmp_path):
     records, answers = make_records(2)
-    server = hostile(answers, {r["input"]: [echo_auth(401)] for r in records})
+    server = fake_openai(answers, {r["input"]: [echo_auth(401)] for r in records})
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     code, stdout, stderr, _ = cattune(*llm(server.url, inp, out, "--concurrency", "1"))
@@ -279,11 +199,11 @@ def body(ctype, data):
     return lambda request: (200, ctype, data)
 
 
-def test_200_answers_that_are_not_a_chat_completion_are_bad_replies_with_the_true_reason(hostile, tmp_path):
+def test_200_answers_that_are_not_a_chat_completion_are_bad_replies_with_the_true_reason(fake_openai, tmp_path):
     records, answers = make_records(6)
     prompts = [r["input"] for r in records]
     truncated = body("application/json", b'{"id": "chatcmpl-1", "choi')
-    server = hostile(answers, {
+    server = fake_openai(answers, {
         prompts[0]: [truncated] * 3,
         prompts[1]: [body("text/plain", b"<html>502 Bad Gateway from the proxy</html>")] * 3,
         prompts[2]: [body("application/json", b"[1, 2]")] * 3,
@@ -314,7 +234,7 @@ def test_200_answers_that_are_not_a_chat_completion_are_bad_replies_with_the_tru
 # --------------------------------------------------------------------------- 9: message content that is not a string
 
 
-def test_message_content_that_is_not_a_string(hostile, tmp_path):
+def test_message_content_that_is_not_a_string(fake_openai, tmp_path):
     records, answers = make_records(5)
     prompts = [r["input"] for r in records]
     half = json.dumps(answers[prompts[2]])
@@ -324,7 +244,7 @@ def test_message_content_that_is_not_a_string(hostile, tmp_path):
     def content(value):
         return lambda request: as_json(200, completion(value))
 
-    server = hostile(answers, {
+    server = fake_openai(answers, {
         prompts[0]: [content(17)] * 3,
         prompts[1]: [content(answers[prompts[1]])] * 3,  # a dict, not its JSON text
         prompts[2]: [content(parts)],  # content parts: their text is the reply
@@ -380,9 +300,9 @@ def test_a_closed_port_fails_fast_and_names_the_url_without_its_credentials(tmp_
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
-def test_a_timeout_that_is_not_positive_is_refused_by_the_parser(hostile, in_process, tmp_path, value):
+def test_a_timeout_that_is_not_positive_is_refused_by_the_parser(fake_openai, in_process, tmp_path, value):
     records, answers = make_records(1)
-    server = hostile(answers)
+    server = fake_openai(answers)
     write_jsonl(tmp_path / "in.jsonl", records)
     argv = llm(server.url, tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--max-retries", "0", "--timeout", value)
     code, _, stderr, _ = (cattune if value == "0" else in_process)(*argv)
@@ -395,9 +315,9 @@ def test_a_timeout_that_is_not_positive_is_refused_by_the_parser(hostile, in_pro
 
 
 @pytest.mark.parametrize("case", ["output is a directory", "report is a directory", "output under a file"])
-def test_an_output_that_cannot_be_written_is_a_one_line_error_before_any_request(hostile, in_process, tmp_path, case):
+def test_an_output_that_cannot_be_written_is_a_one_line_error_before_any_request(fake_openai, in_process, tmp_path, case):
     records, answers = make_records(2)
-    server = hostile(answers)
+    server = fake_openai(answers)
     write_jsonl(tmp_path / "in.jsonl", records)
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_text("x")
@@ -415,9 +335,9 @@ def test_an_output_that_cannot_be_written_is_a_one_line_error_before_any_request
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only directories")
-def test_an_output_in_a_read_only_directory_is_a_one_line_error(hostile, tmp_path):
+def test_an_output_in_a_read_only_directory_is_a_one_line_error(fake_openai, tmp_path):
     records, answers = make_records(2)
-    server = hostile(answers)
+    server = fake_openai(answers)
     write_jsonl(tmp_path / "in.jsonl", records)
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o555)
@@ -428,10 +348,10 @@ def test_an_output_in_a_read_only_directory_is_a_one_line_error(hostile, tmp_pat
     assert code == 1 and "ro" in one_line_error(stderr) and not server.requests
 
 
-def test_a_place_that_takes_no_files_is_found_before_any_request(hostile, in_process, tmp_path):
+def test_a_place_that_takes_no_files_is_found_before_any_request(fake_openai, in_process, tmp_path):
     # /proc refuses new files even to root (a chmod'ed directory would not stop root).
     records, answers = make_records(2)
-    server = hostile(answers)
+    server = fake_openai(answers)
     write_jsonl(tmp_path / "in.jsonl", records)
     code, _, stderr, _ = in_process(*llm(server.url, tmp_path / "in.jsonl", "/proc/cattune-test/out.jsonl"))
     assert code == 1 and "cannot write there" in one_line_error(stderr)

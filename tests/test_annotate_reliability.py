@@ -1,7 +1,7 @@
 """``cattune annotate`` under issue 34's probe: no lost output, no leaked credential,
 bounded parsing, one line for every mistake.
 
-The endpoint is the scripted server of ``test_annotate_hostile`` (a real HTTP server on
+The endpoint is the scripted fake of tests/fake_openai.py (a real HTTP server on
 127.0.0.1, reached through the ``openai`` client).
 """
 
@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from fake_openai import as_json, completion
 from test_annotate import make_records, read_jsonl, write_jsonl
-from test_annotate_hostile import KEY, as_json, cattune, closed_port, completion, hostile, in_process, llm, one_line_error  # noqa: F401
+from test_annotate_hostile import KEY, cattune, closed_port, in_process, llm, one_line_error  # noqa: F401
 
 from cattune.annotate.replies import ReplyError, parse_reply
 from cattune.annotate.secrets import Redactor
@@ -19,9 +20,9 @@ from cattune.annotate.secrets import Redactor
 # --------------------------------------------------------------------------- 6: --overwrite
 
 
-def test_overwrite_keeps_the_finished_output_until_the_new_one_is_done(hostile, in_process, tmp_path):
+def test_overwrite_keeps_the_finished_output_until_the_new_one_is_done(fake_openai, in_process, tmp_path):
     records, answers = make_records(4)
-    server = hostile(answers)
+    server = fake_openai(answers)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     assert in_process(*llm(server.url, inp, out))[0] == 0
@@ -36,8 +37,8 @@ def test_overwrite_keeps_the_finished_output_until_the_new_one_is_done(hostile, 
     # Two records done, then the endpoint fails: the old output is still whole, and the
     # same command resumes the new run's two records and replaces the output at the end.
     prompts = [r["input"] for r in records]
-    server = hostile({p: {k: v[:1] for k, v in a.items()} for p, a in answers.items()},
-                     {p: [lambda request: as_json(401, {"error": {"message": "no"}})] for p in prompts[2:]})
+    server = fake_openai({p: {k: v[:1] for k, v in a.items()} for p, a in answers.items()},
+                         {p: [lambda request: as_json(401, {"error": {"message": "no"}})] for p in prompts[2:]})
     code, _, err, _ = in_process(*llm(server.url, inp, out, "--overwrite", "--concurrency", "1"))
     assert code == 1 and "HTTP 401" in one_line_error(err)
     assert out.read_bytes() == finished
@@ -50,10 +51,10 @@ def test_overwrite_keeps_the_finished_output_until_the_new_one_is_done(hostile, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.report.json"]
 
 
-def test_redo_empty_keeps_the_empty_records_until_they_are_redone(hostile, in_process, tmp_path):
+def test_redo_empty_keeps_the_empty_records_until_they_are_redone(fake_openai, in_process, tmp_path):
     records, answers = make_records(3)
     prompts = [r["input"] for r in records]
-    server = hostile(answers, {prompts[1]: [lambda request: as_json(200, completion("no idea"))] * 3})
+    server = fake_openai(answers, {prompts[1]: [lambda request: as_json(200, completion("no idea"))] * 3})
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     assert in_process(*llm(server.url, inp, out))[0] == 0
@@ -73,11 +74,11 @@ def nested_content(depth):
     return 200, "application/json", text.replace('"X"', "[" * depth + "]" * depth).encode()
 
 
-def test_deeply_nested_replies_are_one_records_failure(hostile, in_process, tmp_path):
+def test_deeply_nested_replies_are_one_records_failure(fake_openai, in_process, tmp_path):
     records, answers = make_records(4)
     prompts = [r["input"] for r in records]
     deep = "[" * 100_000
-    server = hostile(answers, {
+    server = fake_openai(answers, {
         prompts[0]: [lambda request: as_json(200, completion(deep))] * 3,  # in the content
         prompts[1]: [lambda request: (200, "application/json", deep.encode())] * 3,  # the HTTP body itself
         prompts[2]: [lambda request: nested_content(990)] * 3,  # content that the client can read, but not text
@@ -122,12 +123,12 @@ def test_a_reply_of_200k_repeated_pairs_is_checked_in_bounded_time():
 # --------------------------------------------------------------------------- 8, 9, 10: credentials
 
 
-def test_a_reply_whose_fields_hold_the_key_never_shows_it(hostile, tmp_path):
+def test_a_reply_whose_fields_hold_the_key_never_shows_it(fake_openai, tmp_path):
     # pydantic's serializer warning about choices of the wrong type quoted the key raw on stderr.
     records, answers = make_records(3)
     prompts = [r["input"] for r in records]
     odd = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": KEY}
-    server = hostile(answers, {
+    server = fake_openai(answers, {
         prompts[0]: [lambda request: as_json(200, odd)] * 3,
         prompts[1]: [lambda request: as_json(200, {**completion("{}"), "usage": KEY, "model": [KEY]})] * 3,
     })
@@ -160,9 +161,9 @@ def test_the_redacting_hook_covers_warnings_and_log_records(capsys):
 
 
 @pytest.mark.parametrize("url", ["http://user:pass-1234@{host}/v1", "http://sk-in-the-user-name@{host}/v1"])
-def test_credentials_in_the_base_url_are_refused_before_any_request(hostile, in_process, tmp_path, monkeypatch, url):
+def test_credentials_in_the_base_url_are_refused_before_any_request(fake_openai, in_process, tmp_path, monkeypatch, url):
     records, answers = make_records(1)
-    server = hostile(answers)
+    server = fake_openai(answers)
     write_jsonl(tmp_path / "in.jsonl", records)
     url = url.format(host=server.url.split("//")[1].split("/")[0])
     code, out, err, _ = in_process(*llm(url, tmp_path / "in.jsonl", tmp_path / "out.jsonl"))
@@ -177,11 +178,11 @@ def test_credentials_in_the_base_url_are_refused_before_any_request(hostile, in_
         make_client(None)
 
 
-def test_a_key_of_three_characters_is_redacted_and_annotations_that_contain_it_survive(hostile, in_process, tmp_path):
+def test_a_key_of_three_characters_is_redacted_and_annotations_that_contain_it_survive(fake_openai, in_process, tmp_path):
     from test_annotate_hostile import echo_auth
 
     records, answers = make_records(3)
-    server = hostile(answers, {records[0]["input"]: [echo_auth(400)]})
+    server = fake_openai(answers, {records[0]["input"]: [echo_auth(400)]})
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     code, stdout, stderr, _ = in_process(*llm(server.url, inp, out, "--concurrency", "1"), key="app")
@@ -200,7 +201,7 @@ def test_a_key_of_three_characters_is_redacted_and_annotations_that_contain_it_s
 # --------------------------------------------------------------------------- 12, 14: numbers
 
 
-def test_retry_after_is_honoured_beyond_backoff_max_and_a_huge_one_fails_the_record(hostile, in_process, tmp_path):
+def test_retry_after_is_honoured_beyond_backoff_max_and_a_huge_one_fails_the_record(fake_openai, in_process, tmp_path):
     records, answers = make_records(3)
     prompts = [r["input"] for r in records]
     seen = []
@@ -211,7 +212,7 @@ def test_retry_after_is_honoured_beyond_backoff_max_and_a_huge_one_fails_the_rec
             return 429, "application/json", b'{"error": {"message": "slow down"}}', {"Retry-After": retry_after}
         return behaviour
 
-    server = hostile(answers, {prompts[0]: [busy("1.2")], prompts[1]: [busy("1e12")], prompts[2]: [busy("nan")]})
+    server = fake_openai(answers, {prompts[0]: [busy("1.2")], prompts[1]: [busy("1e12")], prompts[2]: [busy("nan")]})
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     # FAST's --backoff-max is 0.05 s: the server's 1.2 s wins, as the docs promise.
@@ -229,9 +230,9 @@ def test_retry_after_is_honoured_beyond_backoff_max_and_a_huge_one_fails_the_rec
     ("--backoff-max", "nan"), ("--backoff-base", "inf"), ("--backoff-max", "inf"), ("--timeout", "inf"),
     ("--max-retries", "-1"), ("--reply-retries", "1e9"), ("--concurrency", "0"), ("--limit", "-1"),
 ])
-def test_number_options_out_of_range_are_refused_before_any_request(hostile, in_process, tmp_path, option, value):
+def test_number_options_out_of_range_are_refused_before_any_request(fake_openai, in_process, tmp_path, option, value):
     records, answers = make_records(1)
-    server = hostile(answers)
+    server = fake_openai(answers)
     write_jsonl(tmp_path / "in.jsonl", records)
     code, _, err, _ = in_process(*llm(server.url, tmp_path / "in.jsonl", tmp_path / "out.jsonl", option, value))
     assert code == 2 and "Traceback" not in err
@@ -255,7 +256,7 @@ def test_the_library_refuses_the_same_numbers():
             LLMAnnotator(client, "m", [], **bad)
 
 
-def test_token_counts_that_are_not_counts_are_left_out_and_counted(hostile, in_process, tmp_path):
+def test_token_counts_that_are_not_counts_are_left_out_and_counted(fake_openai, in_process, tmp_path):
     records, answers = make_records(3)
     prompts = [r["input"] for r in records]
 
@@ -264,7 +265,7 @@ def test_token_counts_that_are_not_counts_are_left_out_and_counted(hostile, in_p
         reply["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": 5, "total_tokens": 0}
         return lambda request: as_json(200, reply)
 
-    server = hostile(answers, {p: [usage(p, n)] for p, n in zip(prompts, [-1_000_000, 100, "many"])})
+    server = fake_openai(answers, {p: [usage(p, n)] for p, n in zip(prompts, [-1_000_000, 100, "many"])})
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     assert in_process(*llm(server.url, inp, out))[0] == 0
@@ -286,9 +287,9 @@ def test_a_rule_key_with_more_than_target_or_prompt_is_one_line(in_process, tmp_
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def test_an_output_line_nested_100k_deep_is_one_line_with_file_and_line(hostile, in_process, tmp_path):
+def test_an_output_line_nested_100k_deep_is_one_line_with_file_and_line(fake_openai, in_process, tmp_path):
     records, answers = make_records(2)
-    server = hostile(answers)
+    server = fake_openai(answers)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, records)
     out.write_text("[" * 100_000 + "]" * 100_000 + "\n")

