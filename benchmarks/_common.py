@@ -62,7 +62,7 @@ def command_line() -> str:
 
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` so that readers see the old file or the new one, never half."""
-    from cattune.records import atomic_write_text
+    from cattune.files import atomic_write_text
 
     path = Path(path)
     payload = {"command": command_line(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}

@@ -7,7 +7,7 @@ Four variants of one optimizer step of SmolLM2-135M-Instruct (or ``--model``):
   Re-Attention loss through the row probe (``AttentionProbe`` + ``re_attention_loss_rows``,
   as ``benchmarks/step_overhead.py`` and ``CATTrainer.compute_loss`` do it).
 - ``lora-ce`` / ``lora-cat``: the same on a PEFT LoRA model with the release's setting
-  (``cattune.trainer.lora_model``: r=64, alpha=32, dropout 0.1 on q, k, v, gate, up, down).
+  (``cattune.models.lora_model``: r=64, alpha=32, dropout 0.1 on q, k, v, gate, up, down).
 
 ``--logits answer`` runs each variant as ``CATTrainer`` does with ``answer_logits_only``:
 the LM head only at the positions that predict a label (``logits_to_keep`` with a boolean
@@ -88,8 +88,7 @@ def parse_args(argv=None):
 
 
 def load(args, lora: bool):
-    from cattune.models import load_model
-    from cattune.trainer import lora_model
+    from cattune.models import load_model, lora_model
 
     torch.manual_seed(0)  # LoRA's A matrices
     model, tok = load_model(args.model)
@@ -154,7 +153,7 @@ def train_step(setup, batch, cat: bool, args, layers, answer_logits: bool = Fals
 
 def layer_set(args, model):
     from cattune.attention import resolve_layers
-    from cattune.models import parse_layers
+    from cattune.commands.common import parse_layers
 
     return resolve_layers(model, parse_layers(args.cat_layers))
 

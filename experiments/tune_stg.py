@@ -10,10 +10,11 @@ import argparse, json, time
 import torch
 
 from cattune import stg
-from cattune.models import parse_layers
+from cattune.commands.common import parse_layers
 from cattune.evaluate import evaluate
 from cattune.tiny import build
-from cattune.trainer import CATConfig, CATTrainer
+from cattune.config import CATConfig
+from cattune.trainer import CATTrainer
 
 p = argparse.ArgumentParser()
 p.add_argument("--gamma", type=float, default=1.0)

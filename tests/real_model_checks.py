@@ -11,7 +11,9 @@ import sys
 import torch
 
 from cattune.masks import encode_record, find_occurrences
-from cattune.trainer import CATConfig, CATTrainer, lora_model
+from cattune.config import CATConfig
+from cattune.models import lora_model
+from cattune.trainer import CATTrainer
 
 
 def alignment_counts(tok, annotated_corpus, chat_template=False) -> dict[str, tuple[int, int]]:

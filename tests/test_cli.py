@@ -85,7 +85,7 @@ def test_demo_tiny(tmp_path):
 
 @pytest.mark.parametrize("value, expected", [("all", None), ("ALL", None), ("-1", [-1]), ("0,1", [0, 1])])
 def test_parse_layers(value, expected):
-    from cattune.models import parse_layers
+    from cattune.commands.common import parse_layers
 
     assert parse_layers(value) == expected
 

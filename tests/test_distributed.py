@@ -53,7 +53,8 @@ WORKER = textwrap.dedent(
     hf_logging.set_verbosity_error()
     from cattune.records import load_records
     from cattune.tiny import build
-    from cattune.trainer import CATConfig, CATTrainer, end_distributed
+    from cattune.config import CATConfig
+    from cattune.trainer import CATTrainer, end_distributed
 
     with open(sys.argv[1]) as f:
         spec = json.load(f)

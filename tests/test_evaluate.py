@@ -7,7 +7,8 @@ from cattune import stg
 from cattune.checkers import check_exact, check_gsm8k, check_mc, check_numeric, numeric_error
 from cattune.evaluate import evaluate
 from cattune.tiny import build
-from cattune.trainer import CATConfig, CATTrainer
+from cattune.config import CATConfig
+from cattune.trainer import CATTrainer
 
 torch.set_num_threads(1)
 

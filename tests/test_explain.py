@@ -12,7 +12,8 @@ import torch
 from cattune import cli, explain, tasks
 from cattune.records import Record, save_records
 from cattune.tiny import build
-from cattune.trainer import CATConfig, CATTrainer
+from cattune.config import CATConfig
+from cattune.trainer import CATTrainer
 
 torch.set_num_threads(1)
 

@@ -236,7 +236,7 @@ def test_missing_file_is_a_file_not_found_error(tmp_path):
 
 
 def test_config_files_name_themselves_when_unreadable(tmp_path):
-    from cattune.records import load_config_file
+    from cattune.files import load_config_file
 
     bad = tmp_path / "run.yaml"
     bad.write_bytes(b"train: caf\xe9.jsonl\n")

@@ -8,7 +8,8 @@ from transformers import Trainer
 
 from cattune import stg
 from cattune.tiny import build
-from cattune.trainer import CATCollator, CATConfig, CATTrainer, CATTrainingError, encode_dataset
+from cattune.config import CATConfig
+from cattune.trainer import CATCollator, CATTrainer, CATTrainingError, encode_dataset
 
 torch.set_num_threads(1)
 
@@ -137,7 +138,7 @@ def test_gradient_accumulation_scales_attention_loss_like_ce(data, tmp_path):
 
 
 def test_lora_training(data, tmp_path):
-    from cattune.trainer import lora_model
+    from cattune.models import lora_model
 
     model, tok = make(data)
     model = lora_model(model, r=8, alpha=16)

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .files import atomic_write_bytes
 from .masks import DEFAULT_SPAN_COLUMNS
-from .records import Record, atomic_write_bytes
+from .records import Record
 from .text import format_ratio
 
 CAUSAL_COLOR = "#d62728"

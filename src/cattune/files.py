@@ -1,12 +1,14 @@
-"""Checks on the paths a command reads and writes, made before any work starts.
+"""Files as cattune reads and writes them, and checks on a command's paths before any work.
 
 A result that cannot be saved, or that would be saved over one of the command's own
 inputs, should fail in the first second, not after hours of training or a paid-for
-annotation run.
+annotation run. Files are written atomically (readers see the old content or the new),
+and text and config files are read naming the path in every error.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -118,3 +120,90 @@ def file_digest(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file so that readers see the old content or the new, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates the file 0600; give it the mode a plain open() would have
+        # (or keep the replaced file's), so others can still read the data.
+        os.chmod(tmp, _mode_for(path))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_is_file(path: Path) -> None:
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: is a directory, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+
+
+def read_text_file(path: str | os.PathLike, error: type[Exception] = ValueError) -> str:
+    """A whole UTF-8 text file; a missing file, a directory or other bytes name the path."""
+    path = Path(path)
+    check_is_file(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+
+
+def load_config_file(path: str | os.PathLike, error: type[Exception] = ValueError):
+    """Parse a JSON (.json) or YAML (any other name) file; a syntax error, or a key twice
+    in one mapping, raises ``error`` naming the file. (Both parsers would keep the last of
+    two values without a word, so one of the user's settings would silently do nothing.)"""
+    path = Path(path)
+    text = read_text_file(path, error)
+    if path.suffix == ".json":
+        def unique(pairs):
+            keys = [k for k, _ in pairs]
+            if dup := sorted({k for k in keys if keys.count(k) > 1}):
+                raise error(f"{path}: key {dup[0]!r} appears twice in one object; keep one")
+            return dict(pairs)
+
+        try:
+            return json.loads(text, object_pairs_hook=unique)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:  # a merged mapping (<<: *base) may be overridden
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise error(f"{path}:{key_node.start_mark.line + 1}: key {key!r} appears twice in one "
+                                "mapping; keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(text, Loader=UniqueKeys)
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None

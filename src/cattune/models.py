@@ -276,7 +276,7 @@ RECORDED_FIELDS = ("chat_template", "cat_span_columns", "cat_layers", "max_lengt
 
 
 def write_training_info(model_dir: str | os.PathLike, config, base_model: str | None = None) -> None:
-    from .records import atomic_write_text
+    from .files import atomic_write_text
 
     info = {name: getattr(config, name) for name in RECORDED_FIELDS if hasattr(config, name)}
     if base_model and Path(base_model).is_dir():
@@ -324,23 +324,6 @@ def load_model(reference: str, trust_remote_code: bool = False, torch_dtype: str
         raise ModelError(f"cannot load model {reference!r}{hint}: {e}") from None
     use_row_probe(model)
     return model, prepare_tokenizer(tokenizer)
-
-
-def parse_layers(text: str) -> list[int] | None:
-    """'all' -> None (every layer); '-1' or '0,1' -> a list of layer indices."""
-    import argparse
-
-    if text.strip().lower() == "all":
-        return None
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer indices such as -1 or 0,1; got {text!r}")
-
-
-def layers_option(text: str) -> list[int] | str:
-    """``--layers`` of commands that default to the trained layers: 'all' stays 'all'."""
-    return "all" if text.strip().lower() == "all" else parse_layers(text)
 
 
 def training_settings(reference: str, chat_template: bool | None = None, span_columns: str | None = None,

@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Callable
 
 from .checkers import CHECKERS
-from .records import Record, load_config_file
+from .files import load_config_file
+from .records import Record
 from .sources import (DEFAULT_HUB_SPLITS, SOURCE_KINDS, TARGET_TRANSFORMS, TaskError, load_file, load_hub,
                       load_release, release_missing, stg_split, stg_split_sizes)
 

@@ -27,7 +27,6 @@ from .attention import AttentionProbe, resolve_layers, use_row_probe
 from .config import CATConfig
 from .loss import attention_ratio, counted_rows, row_loss, row_terms, visible_columns
 from .masks import EncodedRecord, collate, encode_record
-from .models import lora_model  # noqa: F401  (public here too)
 from .models import prepare_tokenizer, takes_logits_to_keep, write_training_info
 from .records import Record, record_from_json
 

@@ -19,8 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..files import check_distinct_paths, check_writable_file
-from ..records import Annotation, Record, RecordError, atomic_write_text, dumps_record, loads_line
+from ..files import atomic_write_text, check_distinct_paths, check_writable_file
+from ..records import Annotation, Record, RecordError, dumps_record, loads_line
 
 ID_KEY = "cat_id"  # meta field holding the record's id in the output
 EMPTY_REASON_KEY = "cat_empty_reason"  # meta field saying why an annotation is empty

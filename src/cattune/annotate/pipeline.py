@@ -18,8 +18,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+from ..files import atomic_write_text
 from ..masks import DEFAULT_SPAN_COLUMNS
-from ..records import Annotation, Record, atomic_write_text
+from ..records import Annotation, Record
 from .llm import Outcome, RequestFailed, Stopped
 from .output import (
     OutputLock, assign_ids, check_paths, lock_path_for, output_line, prepare_output, report_path_for, rewrite_in_order,

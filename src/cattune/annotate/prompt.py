@@ -11,7 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from ..records import Annotation, Record, RecordError, iter_records, read_text_file
+from ..files import read_text_file
+from ..records import Annotation, Record, RecordError, iter_records
 from ..shipped import is_builtin, shipped_file
 from .replies import check_annotation
 

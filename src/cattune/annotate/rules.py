@@ -13,7 +13,8 @@ import re
 import string
 from pathlib import Path
 
-from ..records import Annotation, Record, load_config_file
+from ..files import load_config_file
+from ..records import Annotation, Record
 
 
 def _check_template(i: int, template: str) -> None:

@@ -1,5 +1,6 @@
 """What several commands share: tables and JSON files as they print and write them, the
-options that say how records are encoded for a model, and how --help shows defaults."""
+options that say how records are encoded for a model (--layers parsed here), and how
+--help shows defaults."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import json
 from pathlib import Path
 
 from ..fields import check_number
+from ..files import atomic_write_text
 from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
-from ..models import layers_option
-from ..records import atomic_write_text
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -36,6 +36,21 @@ def add_training_settings_options(group, measured: str) -> None:
     group.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                        help="prompts through the tokenizer's chat template; default: as the model was trained "
                        "(cattune.json), else off")
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """'all' -> None (every layer); '-1' or '0,1' -> a list of layer indices."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer indices such as -1 or 0,1; got {text!r}")
+
+
+def layers_option(text: str) -> list[int] | str:
+    """``--layers`` of commands that default to the trained layers: 'all' stays 'all'."""
+    return "all" if text.strip().lower() == "all" else parse_layers(text)
 
 
 def number_option(kind: type = float, low: float = 0, high: float | None = None, *, strict: bool = False,

@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 
 from ..experiment import RESULTS, ConfigError, RunSpec, parse_config, read_results, resolve_config_path, run_experiment
-from ..files import check_writable_dir, output_lock
+from ..files import check_writable_dir, load_config_file, output_lock
 from ..masks import SPAN_COLUMNS
-from ..models import parse_layers
-from ..records import load_config_file
-from .common import HelpFormatter, format_table, write_json
+from .common import HelpFormatter, format_table, parse_layers, write_json
 
 RECIPE = "builtin:demo"
 ARMS = ("baseline", "cat")

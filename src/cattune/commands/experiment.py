@@ -108,7 +108,7 @@ def run(args) -> int:
 
 
 def _compare(out: Path, results: list[dict], reference: list[dict], args) -> int:
-    from ..records import atomic_write_text
+    from ..files import atomic_write_text
 
     text, over = compare_results(results, reference, args.tolerance,
                                  f"{out} against {args.compare}")

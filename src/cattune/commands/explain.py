@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 from ..explain import explain_record, plot_explanation, plot_ratio_curve
-from ..files import check_distinct_paths, check_writable_file, model_inputs
+from ..files import atomic_write_text, check_distinct_paths, check_writable_file, model_inputs
 from ..models import load_model, training_settings
-from ..records import atomic_write_text
 from ..tasks import load_data
 from ..text import format_ratio
 from .common import add_training_settings_options, number_option

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from .. import stg
-from ..files import check_writable_dir, output_lock
-from ..records import atomic_write_text, save_records
+from ..files import atomic_write_text, check_writable_dir, output_lock
+from ..records import save_records
 from .common import HelpFormatter, number_option
 
 MANIFEST = "stg.json"  # which variant and seed the folder's splits are

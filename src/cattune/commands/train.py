@@ -14,15 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
+from transformers.trainer import TRAINER_STATE_NAME
 
-from ..config import check_lora
-from ..records import load_config_file, load_records
-from ..trainer import (
-    TRAINER_STATE_NAME, CATConfig, CATTrainer, checkpoints, complete_checkpoint, end_distributed, lora_model,
-)
+from ..config import CATConfig, check_lora
+from ..records import load_records
+from ..trainer import CATTrainer, checkpoints, complete_checkpoint, end_distributed
 from ..fields import typed_fields
-from ..files import check_distinct_paths, check_writable_dir, file_digest, model_inputs, output_lock
-from ..models import load_model
+from ..files import check_distinct_paths, check_writable_dir, file_digest, load_config_file, model_inputs, output_lock
+from ..models import load_model, lora_model
 from .common import HelpFormatter, write_json
 
 CONFIG_HINT = """\

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..records import load_config_file
+from ..files import load_config_file
 from ..shipped import is_builtin, shipped_file, shipped_names
 from ..tasks import Task, TaskError, get_task, load_task_file
 from .arms import ARMS
@@ -57,7 +57,7 @@ class ModelEntry:
     label: str
     path: str | None = None  # None: the embedded tiny model
     tiny: dict = field(default_factory=dict)  # cattune.tiny.build overrides (hidden_size, vocab_size, ...)
-    lora: dict | None = None  # cattune.trainer.lora_model kwargs; {} = the release's LoRA setting
+    lora: dict | None = None  # cattune.models.lora_model kwargs; {} = the release's LoRA setting
     trust_remote_code: bool = False
     raw: Any = None
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..records import atomic_write_text
+from ..files import atomic_write_text
 from ..text import format_ratio
 from .config import ARMS, ExperimentConfig, train_args_for
 

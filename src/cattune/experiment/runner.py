@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..files import output_lock
+from ..files import atomic_write_text, output_lock
 from ..models import check_model_reference
-from ..records import Record, atomic_write_text
+from ..records import Record
 from .arms import placebo_records
 from .config import ConfigError, ExperimentConfig, ModelEntry, RunSpec, TaskEntry, plan, settings_hash, train_args_for
 from .report import write_summary
@@ -166,7 +166,7 @@ def _build_model(model: ModelEntry, data: TaskData, seed: int):
 
     m, tok = load_model(model.path, trust_remote_code=model.trust_remote_code)
     if model.lora is not None:
-        from ..trainer import lora_model
+        from ..models import lora_model
 
         m = lora_model(m, **model.lora)
     return m, tok
@@ -194,7 +194,8 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
 def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry, spec: RunSpec, data: TaskData,
              out: Path, progress: bool) -> dict:
     from ..evaluate import evaluate
-    from ..trainer import CATConfig, CATTrainer
+    from ..config import CATConfig
+    from ..trainer import CATTrainer
 
     started = time.time()
     model, tok = _build_model(model_entry, data, spec.seed)
