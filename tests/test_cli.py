@@ -243,3 +243,58 @@ def test_eval_takes_task_split_with_the_tasks_checker(tmp_path):
     assert res["checker"] == "numeric" and res["n"] == 1000 and "abs_error" in res
     r = cli("eval", "--model", str(out), "--data", "STG_H:nope", "--out", str(tmp_path / "x.json"))
     assert r.returncode != 0 and "no split 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_chat_template_model_is_read_everywhere_as_training_read_it(tmp_path, capsys):
+    # One reading-settings object (cattune.reading): a model trained with a chat template,
+    # last-token columns, the last layer and a max_length that cuts every record is read
+    # the same way by annotate --check, eval and explain, without repeating any flag.
+    from cattune import stg
+    from cattune.evaluate import causal_attention_ratio
+    from cattune.models import load_model
+    from cattune.reading import Reading, saved_reading
+    from cattune.records import save_records
+    from cattune.tiny import build
+
+    records = stg.generate("E", seed=0)["train_S"][:16]
+    data = tmp_path / "train.jsonl"
+    save_records(data, records)
+    model, tok = build([r.text for r in records], seed=0)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}" + tok.eos_token
+                         + "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    whole = Reading(chat_template=True, span_columns="last", layers=[-1])
+    longest = max(len(whole.encode(tok, r).input_ids) for r in records)
+    reading = Reading(chat_template=True, span_columns="last", layers=[-1], max_length=longest - 8)
+    out = tmp_path / "model"
+    assert main(["train", "--train", str(data), "--model", str(base), "--out", str(out), "--chat_template",
+                 "--cat_span_columns", "last", "--cat_layers", "-1", "--max_length", str(reading.max_length),
+                 "--max_steps", "1", "--report_to", "none", "--save_strategy", "no", "--use_cpu",
+                 "--disable_tqdm", "true"]) == 0
+    trained = json.loads((out / "train_report.json").read_text())["encode"]["train"]
+    assert trained["truncated"] > 0
+    assert saved_reading(out) == reading  # what cattune.json recorded
+    capsys.readouterr()
+
+    assert main(["annotate", "--check", "--input", str(data), "--tokenizer", str(out), "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)
+    assert (check["pairs"], check["unaligned"]) == (trained["annotated_pairs"], trained["unaligned_pairs"])
+
+    assert main(["eval", "--model", str(out), "--data", str(data), "--out", str(tmp_path / "eval.json")]) == 0
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["settings"] == reading.to_json()
+    model, tok = load_model(str(out))
+    ratio = causal_attention_ratio(model, tok, records, reading=reading)
+    assert res["results"][str(data)]["attention_ratio"] == pytest.approx(ratio, rel=1e-5)
+
+    assert main(["explain", "--model", str(out), "--data", str(data), "--record", "0", "--out",
+                 str(tmp_path / "r0.png"), "--json", str(tmp_path / "r0.json")]) == 0
+    expl = json.loads((tmp_path / "r0.json").read_text())
+    encoded = reading.encode(tok, records[0], add_eos=False)
+    n_prompt = sum(1 for x in encoded.labels if x == -100)
+    assert expl["truncated"] > 0 and len(expl["prompt_tokens"]) == n_prompt  # the prompt as training cut it
+    assert expl["layers"] == [-1]
+    assert expl["attn_ratio"] == pytest.approx(causal_attention_ratio(model, tok, records[:1], reading=reading),
+                                               rel=1e-5)

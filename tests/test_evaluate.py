@@ -9,6 +9,7 @@ from cattune.evaluate import evaluate
 from cattune.tiny import build
 from cattune.config import CATConfig
 from cattune.trainer import CATTrainer
+from cattune.reading import Reading
 
 torch.set_num_threads(1)
 
@@ -74,7 +75,7 @@ def test_layers_out_of_range_fail_before_any_answer_is_generated(monkeypatch):
 
     monkeypatch.setattr(evaluate_module, "generate_answers", never)
     with pytest.raises(ValueError, match=r"layers \[7\] out of range"):
-        evaluate(model, tok, data["iid_test"][:2], layers=[7], progress=False)
+        evaluate(model, tok, data["iid_test"][:2], reading=Reading(layers=[7]), progress=False)
 
 
 def test_register_checker_serves_tasks_and_refuses_a_silent_replacement():

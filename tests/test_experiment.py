@@ -401,6 +401,24 @@ def test_math_experiment_with_a_local_model_directory(tmp_path):
     assert "| SVAMP | local-lora | test | 1 |" in (out / "summary.md").read_text()
 
 
+def test_an_experiment_with_the_tiny_model_and_lora_trains_adapters(tmp_path):
+    # One run module for `cattune train` and the runner: LoRA wraps the tiny model too
+    # (the runner once returned it before LoRA was applied, and trained every weight).
+    from cattune.models import load_model
+
+    cfg = micro(tmp_path, seeds=1, arms=["cat"], models=[{"name": "tiny", "tiny": TINY, "lora": True}],
+                tasks=[{"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 16, "test_limit": 4}],
+                save_models=True)
+    out = tmp_path / "out"
+    assert run_experiment(load_config(cfg), out=out, log=lambda m: None).complete
+    saved = out / "models" / "E__tiny__cat__seed0"
+    assert (saved / "adapter_config.json").is_file() and not (saved / "model.safetensors").exists()
+    assert json.loads((saved / "cattune.json").read_text())["base_model"] == "base_model"
+    model, _ = load_model(str(saved))  # the adapter finds its base beside it
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    assert lines(out / "results.jsonl")[0]["steps"] == 2
+
+
 def test_parallel_jobs_give_the_same_results(tmp_path):
     cfg = load_config(micro(tmp_path, arms=["baseline", "cat"], tasks=[
         {"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 16, "test_limit": 6}]))
@@ -440,7 +458,7 @@ def test_parallel_failure_keeps_the_runs_that_finish(tmp_path):
 # the resumed run trains the steps left, none in the second case, and ends the same.
 @pytest.mark.parametrize("killed_at", [3, 6])
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, killed_at):
-    from cattune.experiment import runner
+    from cattune import run
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     tasks = [{"task": "STG_E", "label": "E", "train": "train_S", "train_limit": 24, "test_limit": 6}]
@@ -452,10 +470,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, ki
 
     cfg = load_config(micro(tmp_path / "b", arms=["cat"], seeds=1, tasks=tasks, train=train,
                             checkpoint_minutes=1e-6))  # a checkpoint after every step
-    timed = runner._checkpoint_callback
+    timed = run._timing_callback
 
-    def killed_after_a_save(minutes, before):
-        cb = timed(minutes, before)
+    def killed_after_a_save(before, minutes):
+        cb = timed(before, minutes)
         on_save = cb.on_save
 
         def save(args, state, control, **kw):
@@ -465,12 +483,12 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, ki
         cb.on_save = save
         return cb
 
-    monkeypatch.setattr(runner, "_checkpoint_callback", killed_after_a_save)
+    monkeypatch.setattr(run, "_timing_callback", killed_after_a_save)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, out=tmp_path / "b", log=lambda m: None)
     partial = tmp_path / "b" / ".E__tiny__cat__seed0.partial"
     assert [d.name for d in partial.glob("checkpoint-*")] == [f"checkpoint-{killed_at}"]  # only the last is kept
-    monkeypatch.setattr(runner, "_checkpoint_callback", timed)
+    monkeypatch.setattr(run, "_timing_callback", timed)
     assert run_experiment(cfg, out=tmp_path / "b", log=lambda m: None).complete
     a, b = lines(tmp_path / "a" / "results.jsonl")[0], lines(tmp_path / "b" / "results.jsonl")[0]
     assert b["resumed_at_step"] == killed_at and "resumed_at_step" not in a and b["steps"] == a["steps"] == 6
@@ -481,27 +499,33 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, ki
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
-    from cattune.experiment.runner import _resume_point
+    # The runner's scratch directory goes through cattune.run's resume_point, as `cattune train` does.
+    from cattune.run import remove_stale, resume_point, seconds_in, write_identity
+
+    def resumed(ident):
+        last, stale, why = resume_point(work, ident, scratch=True)
+        remove_stale(stale, why, work, log=lambda m: None)
+        return last
 
     work = tmp_path / ".run.partial"
     (work / "checkpoint-2").mkdir(parents=True)
     (work / "checkpoint-2" / "trainer_state.json").write_text("{}")
     (work / "checkpoint-2" / "cattune_train_seconds.json").write_text('{"train_seconds": 5.0}')
-    (work / "settings").write_text("abc\n")  # stamped before the data was: still resumed
-    assert _resume_point(work, "abc", "d1") == (str(work / "checkpoint-2"), 5.0)
+    write_identity(work, {"settings": "abc", "train_sha256": "d1"})
+    assert resumed({"settings": "abc", "train_sha256": "d1"}) == str(work / "checkpoint-2")
+    assert seconds_in(work / "checkpoint-2") == 5.0
     (work / "checkpoint-4").mkdir()  # killed while saving: no state file yet
-    assert _resume_point(work, "abc", "d1")[0] == str(work / "checkpoint-2")
+    assert resumed({"settings": "abc", "train_sha256": "d1"}) == str(work / "checkpoint-2")
     assert not (work / "checkpoint-4").exists()  # else the Trainer's rotation would keep it, not checkpoint-2
-    (work / "checkpoint-6").mkdir()  # the Trainer's state written, the time file not yet
+    (work / "checkpoint-6").mkdir()  # the Trainer's state written, the time file not yet: resumable, time unknown
     (work / "checkpoint-6" / "trainer_state.json").write_text("{}")
-    assert _resume_point(work, "abc", "d1")[0] == str(work / "checkpoint-2")
-    assert not (work / "checkpoint-6").exists()
-    (work / "settings").write_text("abc d1\n")
-    assert _resume_point(work, "abc", "d1")[0] == str(work / "checkpoint-2")
-    assert _resume_point(work, "abc", "d2") == (None, 0.0) and not work.exists()  # the task file changed
+    assert resumed({"settings": "abc", "train_sha256": "d1"}) == str(work / "checkpoint-6")
+    assert seconds_in(work / "checkpoint-6") == 0.0
+    assert resumed({"settings": "abc", "train_sha256": "d2"}) is None  # the task file changed
+    assert not list(work.glob("checkpoint-*"))
     (work / "checkpoint-2").mkdir(parents=True)
-    (work / "settings").write_text("abc d1\n")
-    assert _resume_point(work, "other", "d1") == (None, 0.0) and not work.exists()
+    (work / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert resumed({"settings": "other", "train_sha256": "d1"}) is None and not list(work.glob("checkpoint-*"))
     with pytest.raises(ConfigError, match="checkpoint_minutes must be a number of minutes"):
         load_config(micro(tmp_path, checkpoint_minutes=-1))
 

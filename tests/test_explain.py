@@ -14,6 +14,7 @@ from cattune.records import Record, save_records
 from cattune.tiny import build
 from cattune.config import CATConfig
 from cattune.trainer import CATTrainer
+from cattune.reading import Reading
 
 torch.set_num_threads(1)
 
@@ -147,13 +148,13 @@ def test_explain_layers(trained, stg_e):
     record = stg_e.load("ood_test", limit=1)[0]
     model, tok = trained["model"], trained["tok"]
     both = explain.explain_record(model, tok, record).weights
-    first = explain.explain_record(model, tok, record, layers=[0]).weights
-    last = explain.explain_record(model, tok, record, layers=[-1]).weights
+    first = explain.explain_record(model, tok, record, reading=Reading(layers=[0])).weights
+    last = explain.explain_record(model, tok, record, reading=Reading(layers=[-1])).weights
     for b, f, l in zip(both, first, last):
         assert b == pytest.approx([(x + y) / 2 for x, y in zip(f, l)], abs=1e-6)
     assert max(abs(x - y) for f, l in zip(first, last) for x, y in zip(f, l)) > 1e-3
     with pytest.raises(ValueError, match="out of range"):
-        explain.explain_record(model, tok, record, layers=[2])
+        explain.explain_record(model, tok, record, reading=Reading(layers=[2]))
 
 
 @pytest.mark.parametrize("ratios, scale", [([1.0, 3.0, 20.0], "linear"), ([1.0, 5e3, 1e12], "log")])

@@ -21,6 +21,7 @@ from cattune.explain import explain_record
 from cattune.masks import ChatTemplateError, collate, encode_record, render_prompt
 from cattune.models import BUILTIN_MODELS, ModelError, builtin_gguf, convert_gguf, load_model, resolve_model
 from cattune.records import Record, save_records
+from cattune.reading import Reading
 from real_model_checks import alignment_counts, check_cat_steps, cli
 
 MODEL = "builtin:smollm2-135m-instruct"
@@ -222,7 +223,8 @@ def test_train_with_chat_template_then_eval_without_repeating_it(smollm2, stg_e_
     cli_predictions = [p["prediction"] for p in result["results"][str(test)]["predictions"]]
 
     model, tok = load_model(str(run))
-    res = evaluate(model, tok, stg_e_released["train_M"][8:14], chat_template=True, layers=[-1], progress=False)
+    res = evaluate(model, tok, stg_e_released["train_M"][8:14], reading=Reading(chat_template=True, layers=[-1]),
+                   progress=False)
     assert [p["prediction"] for p in res.predictions] == cli_predictions
     assert res.attention_ratio is not None
     # rel 1e-5, not exact: the suite runs torch on 1 thread (test_evaluate.py), the command on 2, and float32
@@ -232,7 +234,7 @@ def test_train_with_chat_template_then_eval_without_repeating_it(smollm2, stg_e_
 
     # explain draws the same rendering: the answer rows' causal columns are the values
     record = stg_e_released["train_M"][8]
-    expl = explain_record(model, tok, record, chat_template=True, layers=[-1])
+    expl = explain_record(model, tok, record, reading=Reading(chat_template=True, layers=[-1]))
     values = "".join(v.split()[-1] for _, vs in record.important for v in vs)
     columns = "".join(expl.prompt_tokens[c] for c in expl.causal_columns)  # SmolLM2 splits "10" into digits
     assert sorted(columns) == sorted(values), (columns, values)

@@ -10,6 +10,7 @@ from cattune import stg
 from cattune.tiny import build
 from cattune.config import CATConfig
 from cattune.trainer import CATCollator, CATTrainer, CATTrainingError, encode_dataset
+from cattune.reading import Reading
 
 torch.set_num_threads(1)
 
@@ -105,7 +106,7 @@ def test_gamma_zero_is_plain_fine_tuning(data, tmp_path):
     cat.train()
 
     model2, tok2 = make(data)
-    encoded, _ = encode_dataset(tok2, records, 256, "last")
+    encoded, _ = encode_dataset(tok2, records, Reading(span_columns="last", max_length=256))
     collator = CATCollator(tok2.pad_token_id)
 
     def plain_collate(features):
@@ -358,9 +359,9 @@ def test_evaluation_during_training_reports_accuracy_and_cat_terms(data, tmp_pat
     # The loaded best model gives that accuracy again, and the ratio matches `cattune eval`'s.
     final = trainer.evaluate()
     assert final["eval_accuracy"] == pytest.approx(best["eval_accuracy"])
-    assert evaluate(trainer.model, tok, held_out, layers=[-1], progress=False).accuracy == pytest.approx(
+    assert evaluate(trainer.model, tok, held_out, reading=Reading(layers=[-1]), progress=False).accuracy == pytest.approx(
         final["eval_accuracy"])
-    ratio = causal_attention_ratio(trainer.model, tok, held_out, layers=[-1])
+    ratio = causal_attention_ratio(trainer.model, tok, held_out, reading=Reading(layers=[-1]))
     assert final["eval_attn_ratio"] == pytest.approx(ratio, rel=1e-4)
     # Other records at evaluate() time, given as records; accuracy can be switched off.
     other = trainer.evaluate(data["ood_test"][:8], metric_key_prefix="ood")

@@ -21,7 +21,8 @@ import torch
 
 from cattune import stg
 from cattune.masks import render_prompt
-from cattune.models import load_model, training_settings
+from cattune.models import load_model
+from cattune.reading import saved_reading
 
 GROUPS = {
     "E": {"causal": stg.E_CAUSAL, "spurious": stg.E_SPURIOUS, "unrelated": stg.E_UNRELATED},
@@ -51,7 +52,7 @@ def main() -> None:
     groups = GROUPS[args.task]
     val = stg.generate(args.task, seed=7, annotate=False)["ood_test"][: args.records]
     for ref in args.models:
-        chat = training_settings(ref)["chat_template"]
+        chat = saved_reading(ref).chat_template
         model, tok = load_model(ref)
         model.set_attn_implementation("eager")
         model.eval()

@@ -24,7 +24,8 @@ import torch
 
 from cattune import stg
 from cattune.evaluate import generate_answers
-from cattune.models import load_model, training_settings
+from cattune.models import load_model
+from cattune.reading import Reading, saved_reading
 
 
 def spurious_label(variables: dict[str, int]) -> str:
@@ -46,11 +47,11 @@ def main() -> None:
           f"another label on {len(differ)}")
     print(f"{'model':60s} {'answers the true label':>23s} {'the spurious one':>17s}")
     for ref in args.models:
-        chat = training_settings(ref)["chat_template"]
+        chat = saved_reading(ref).chat_template
         model, tok = load_model(ref)
         model.eval()
         answers = generate_answers(model, tok, [records[i].prompt for i in differ], max_new_tokens=8,
-                                   progress=False, chat_template=chat)
+                                   progress=False, reading=Reading(chat_template=chat))
         true = sum(a == records[i].target for a, i in zip(answers, differ)) / len(differ)
         spur = sum(a == spurious_label(records[i].meta["variables"]) for a, i in zip(answers, differ)) / len(differ)
         print(f"{ref[-60:]:60s} {100 * true:23.1f} {100 * spur:17.1f}", flush=True)

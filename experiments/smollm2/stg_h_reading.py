@@ -29,7 +29,8 @@ import torch
 from cattune import stg
 from cattune.checkers import numeric_error, parse_number
 from cattune.evaluate import generate_answers
-from cattune.models import load_model, training_settings
+from cattune.models import load_model
+from cattune.reading import Reading, saved_reading
 
 # spurious item -> (the cause it copies in the training data, the factor)
 IID_RULE = {
@@ -74,11 +75,11 @@ def main() -> None:
           f"items set by the training rule")
     print(f"{'model':50s} {'MAE as is':>10s} {'MAE rule':>9s} {'answer changes %':>17s} {'mean |change|':>14s}")
     for ref in args.models:
-        chat = training_settings(ref)["chat_template"]
+        chat = saved_reading(ref).chat_template
         model, tok = load_model(ref)
         model.eval()
-        a = generate_answers(model, tok, as_is, max_new_tokens=6, progress=False, chat_template=chat)
-        b = generate_answers(model, tok, rule, max_new_tokens=6, progress=False, chat_template=chat)
+        a = generate_answers(model, tok, as_is, max_new_tokens=6, progress=False, reading=Reading(chat_template=chat))
+        b = generate_answers(model, tok, rule, max_new_tokens=6, progress=False, reading=Reading(chat_template=chat))
         pairs = list(zip(map(parse_number, a), map(parse_number, b)))
         moves = [abs(x - y) for x, y in pairs if x is not None and y is not None]
         changed = sum(x != y for x, y in pairs) / len(pairs)  # by value: "40" and "40." are the same answer

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .checkers import CHECKERS
-from .loss import LOSS_KINDS
+from .loss import DEFAULT_ALPHA, LOSS_KINDS
 from .masks import DEFAULT_MAX_LENGTH, DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
+from .reading import Reading
 
 
 def check_lora(r: int = 64, alpha: float = 32, dropout: float = 0.1, **_) -> None:
@@ -70,13 +71,13 @@ class CATConfig(TrainingArguments):
             (the tokens of the span's last word: "8" of "Smoking: 8", all of "41.9%"),
             `"last"` (the span's last token only) or `"all"` (every token, the paper's
             choice). In a left-to-right model the "Smoking:" before the value cannot carry
-            it, yet attention on it satisfies the loss: README, "Spans to columns".
+            it, yet attention on it satisfies the loss: docs/method.md, "Spans to columns".
         cat_layers (`list[int]`, *optional*):
             Decoder layers whose attention the loss averages (0 = the first, -1 = the
             last). Default: every layer, as in the paper. A model's first layer sees only
             token identities and positions, so it cannot tell the "8" of "Smoking: 8" from
             any other "8"; in a model of a few layers, asking it to attend to causal values
-            makes it read every number (README, "Choosing alpha and the layers").
+            makes it read every number (docs/method.md, "Choosing alpha and the layers").
         cat_allow_unsupervised (`bool`, *optional*, defaults to `False`):
             With `cat_gamma > 0` and no training record keeping a supervised row, training
             would silently be plain fine-tuning: an error unless this is set. Fewer than
@@ -113,7 +114,7 @@ class CATConfig(TrainingArguments):
         default=None, metadata={"help": "Where checkpoints and the final model go (`cattune train` requires it).", "aliases": ["--out"]}
     )
     cat_alpha: float = field(
-        default=2.0, metadata={"help": "Target ratio of causal to other attention.", "aliases": ["--alpha"]}
+        default=DEFAULT_ALPHA, metadata={"help": "Target ratio of causal to other attention.", "aliases": ["--alpha"]}
     )
     cat_gamma: float = field(
         default=1.0, metadata={"help": "Weight of the Re-Attention loss; 0 = plain fine-tuning.", "aliases": ["--gamma"]}
@@ -167,6 +168,12 @@ class CATConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={
         "help": "Off here: the collator needs the records' causal-structure fields, which no model's forward takes."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+
+    @property
+    def reading(self) -> Reading:
+        """How this training reads a record (chat template, span columns, layers, max length):
+        recorded in the saved model's cattune.json, so that evaluation and explain read it alike."""
+        return Reading.of(self)
 
     def __post_init__(self):
         if self.report_to == "auto":

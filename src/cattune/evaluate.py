@@ -7,7 +7,7 @@ numbers with a tolerance, GSM8K's "#### answer" and multiple-choice letters.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -16,9 +16,13 @@ from tqdm.auto import tqdm
 from .attention import AttentionProbe, resolve_layers, use_row_probe
 from .checkers import get_checker, numeric_error
 from .loss import attention_ratio, row_terms, visible_columns
-from .masks import DEFAULT_SPAN_COLUMNS, collate, encode_record, render_prompt
-from .models import takes_logits_to_keep
+from .masks import collate, left_cut, render_prompt
+from .models import prepare_tokenizer, takes_logits_to_keep
+from .reading import Reading
 from .records import Record
+
+EVAL_BATCH_SIZE = 32  # records per generation / attention batch, wherever one is evaluated
+ANSWER_MARGIN = 4  # new tokens beyond the longest target's: an answer a little longer is still read
 
 @dataclass
 class EvalResult:
@@ -42,17 +46,25 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def default_max_new_tokens(tokenizer, records: list[Record]) -> int:
+    """Room for the answer when none is given: the longest target's tokens + a margin."""
+    return max(len(tokenizer(r.target, add_special_tokens=False)["input_ids"]) for r in records) + ANSWER_MARGIN
+
+
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 32, max_new_tokens: int = 16,
-                     progress: bool = True, desc: str = "generate", chat_template: bool = False,
-                     max_length: int | None = None, stats: dict | None = None) -> list[str]:
+def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = EVAL_BATCH_SIZE,
+                     max_new_tokens: int = 16, progress: bool = True, desc: str = "generate",
+                     reading: Reading | None = None, stats: dict | None = None) -> list[str]:
     """Greedy decoding of each prompt's continuation, batched with left padding.
 
-    With ``chat_template`` each prompt is the user turn of the tokenizer's chat template
-    and the answer the assistant's turn, rendered as in training (``render_prompt``).
-    ``max_length`` bounds prompt + answer as training does: a longer prompt loses tokens
-    from the left; ``stats["truncated"]`` counts those prompts.
+    ``reading`` (default: a plain prompt, no length limit): with its ``chat_template``
+    each prompt is the user turn of the tokenizer's chat template and the answer the
+    assistant's turn, rendered as in training (``render_prompt``). Its ``max_length``
+    bounds prompt + answer as training does (``masks.left_cut``): a longer prompt loses
+    tokens from the left, after its BOS; ``stats["truncated"]`` counts those prompts.
     """
+    reading = reading or Reading()
+    chat_template, max_length = reading.chat_template, reading.max_length
     if max_length is not None and max_length <= max_new_tokens:
         raise ValueError(f"max_length={max_length} leaves no room for a prompt before {max_new_tokens} new tokens")
     keep = None if max_length is None else max_length - max_new_tokens
@@ -64,10 +76,14 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 32,
     truncated = 0
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-            ids = tokenizer(prompts[i : i + batch_size], add_special_tokens=not chat_template)["input_ids"]
-            if keep is not None:
+            enc = tokenizer(prompts[i : i + batch_size], add_special_tokens=not chat_template,
+                            return_offsets_mapping=keep is not None)
+            ids = enc["input_ids"]
+            if keep is not None:  # as encode_record cuts a training record
                 truncated += sum(len(x) > keep for x in ids)
-                ids = [x[-keep:] for x in ids]
+                cuts = [left_cut([tuple(o) for o in offsets], len(x), len(x), keep)
+                        for x, offsets in zip(ids, enc["offset_mapping"])]
+                ids = [x[:start] + x[start + n:] for x, (start, n) in zip(ids, cuts)]
             batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
             gen = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -83,21 +99,18 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 32,
 
 
 @torch.no_grad()
-def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: int = 32,
-                           span_columns: str = DEFAULT_SPAN_COLUMNS, max_length: int | None = None,
-                           layers: list[int] | None = None, chat_template: bool = False) -> float | None:
-    """Mean over supervised rows of a1/a0 (attention on causal columns vs the rest).
-
-    ``layers``: average only these layers' attention, as ``CATConfig.cat_layers`` does.
-    """
-    encoded = [encode_record(tokenizer, r, max_length=max_length, span_columns=span_columns,
-                             chat_template=chat_template)
-               for r in records if r.important]
+def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: int = EVAL_BATCH_SIZE,
+                           reading: Reading | None = None) -> float | None:
+    """Mean over supervised rows of a1/a0 (attention on causal columns vs the rest),
+    the records read as ``reading`` says (default: ``Reading()``); its ``layers``: average
+    only these layers' attention, as ``CATConfig.cat_layers`` does."""
+    reading = reading or Reading()
+    encoded = [reading.encode(tokenizer, r) for r in records if r.important]
     encoded = [e for e in encoded if e.pairs]
     if not encoded:
         return None
     use_row_probe(model)
-    chosen = resolve_layers(model, layers)
+    chosen = resolve_layers(model, reading.layer_list)
     device = _device(model)
     # Only attention is read: the LM head (a fifth of a small model's forward) runs on one position.
     skip_head = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
@@ -117,41 +130,37 @@ def causal_attention_ratio(model, tokenizer, records: list[Record], batch_size: 
     return total / count if count else None
 
 
-def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = "exact", batch_size: int = 32,
-             max_new_tokens: int | None = None, progress: bool = True, desc: str = "eval",
-             span_columns: str = DEFAULT_SPAN_COLUMNS, layers: list[int] | None = None,
-             chat_template: bool = False, max_length: int | None = None, attention: bool = True) -> EvalResult:
+def evaluate(model, tokenizer, records: list[Record], checker: str | Callable = "exact",
+             batch_size: int = EVAL_BATCH_SIZE, max_new_tokens: int | None = None, progress: bool = True,
+             desc: str = "eval", reading: Reading | None = None, attention: bool = True) -> EvalResult:
     """Accuracy of greedy answers on ``records`` plus per-record predictions.
 
-    ``max_new_tokens`` defaults to the longest target's token count + 4. The attention
-    ratio is measured on annotated records with ``span_columns``, CATConfig's default
-    and ``layers`` (pass the training settings to compare with the trainer's logged ratio).
-    ``chat_template``: prompts go through the tokenizer's chat template, as in training.
-    ``max_length``: tokens per record, prompt cut from the left as in training (default:
-    the model's ``max_position_embeddings``); ``EvalResult.truncated`` counts the cuts.
-    ``attention=False`` skips the attention ratio (accuracy only).
+    ``max_new_tokens`` defaults to the longest target's token count + 4. ``reading``: how
+    the records are read (``cattune.reading.Reading``): pass the training's
+    (``Reading.of(config)``, or ``saved_reading(model_dir)``) to read them as training
+    did and compare the attention ratio with the trainer's logged one. Its
+    ``max_length`` (default: the model's ``max_position_embeddings``) cuts prompts from
+    the left as in training; ``EvalResult.truncated`` counts the cuts. The ratio is
+    measured on annotated records. ``attention=False`` skips it (accuracy only).
     """
     if not records:
         raise ValueError("nothing to evaluate: the record list is empty")
     check = get_checker(checker)
+    reading = reading or Reading()
     if attention:
-        resolve_layers(model, layers)  # a layer out of range fails now, not after the answers
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        resolve_layers(model, reading.layer_list)  # a layer out of range fails now, not after the answers
+    prepare_tokenizer(tokenizer)
     if max_new_tokens is None:
-        longest = max(len(tokenizer(r.target, add_special_tokens=False)["input_ids"]) for r in records)
-        max_new_tokens = longest + 4
-    if max_length is None:
-        max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        max_new_tokens = default_max_new_tokens(tokenizer, records)
+    if reading.max_length is None:
+        reading = replace(reading, max_length=getattr(getattr(model, "config", None), "max_position_embeddings", None))
     was_training = model.training
     model.eval()
     stats: dict = {}
     try:
         answers = generate_answers(model, tokenizer, [r.prompt for r in records], batch_size, max_new_tokens,
-                                   progress=progress, desc=desc, chat_template=chat_template,
-                                   max_length=max_length, stats=stats)
-        ratio = causal_attention_ratio(model, tokenizer, records, batch_size, span_columns=span_columns, layers=layers,
-                                       chat_template=chat_template, max_length=max_length) if attention else None
+                                   progress=progress, desc=desc, reading=reading, stats=stats)
+        ratio = causal_attention_ratio(model, tokenizer, records, batch_size, reading) if attention else None
     finally:
         model.train(was_training)
     predictions = []

@@ -18,12 +18,12 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from .files import atomic_write_bytes
-from .masks import DEFAULT_SPAN_COLUMNS
+from .reading import Reading
 from .records import Record
 from .text import format_ratio
 
@@ -50,6 +50,7 @@ class Explanation:
     # summaries report (mean over the rows producing annotated keys of each row's a1/a0,
     # cattune.loss.attention_ratio), for this one record. None without annotation.
     attn_ratio: float | None = None
+    truncated: int = 0  # prompt tokens training cut from this record (max_length): not shown
 
     @property
     def heatmap_ratio(self) -> float | None:
@@ -79,14 +80,15 @@ def _label(text: str) -> str:
     return text.replace("\n", "⏎").strip()
 
 
-def explain_record(model, tokenizer, record: Record, use_prediction: bool = False, span_columns: str = DEFAULT_SPAN_COLUMNS,
-                   max_new_tokens: int | None = None, record_index: int | None = None,
-                   layers: list[int] | None = None, chat_template: bool = False) -> Explanation:
+def explain_record(model, tokenizer, record: Record, use_prediction: bool = False, reading: Reading | None = None,
+                   max_new_tokens: int | None = None, record_index: int | None = None) -> Explanation:
     """Attention of the rows producing ``record``'s answer over its prompt tokens.
 
-    ``layers``: average only these layers (0 = first, -1 = last); default all of them.
-    ``chat_template``: the record as the model was trained on it, through the tokenizer's
-    chat template (the prompt tokens are then the rendered conversation's).
+    ``reading`` (``cattune.reading.Reading``; default: plain prompt, all layers, no length
+    limit): the record as the model was trained on it. Its ``layers`` are averaged (0 =
+    first, -1 = last); with its ``chat_template`` the prompt tokens are the rendered
+    conversation's; a record longer than its ``max_length`` is shown with the prompt
+    tokens training cut (from the left) left out.
 
     The answer is the record's target (teacher forcing), or with ``use_prediction`` the
     model's own greedy answer (what it looked at when it answered, right or wrong).
@@ -94,54 +96,63 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
     import torch
 
     from .attention import AttentionProbe, resolve_layers, use_row_probe
-    from .evaluate import causal_attention_ratio, generate_answers
-    from .masks import encode_record, render_prompt
+    from .evaluate import causal_attention_ratio, default_max_new_tokens, generate_answers
+    from .masks import left_cut, render_prompt
     from .models import prepare_tokenizer
 
+    reading = reading or Reading()
     prepare_tokenizer(tokenizer)
     use_row_probe(model)
     was_training = model.training
     model.eval()
     try:
         if max_new_tokens is None:
-            max_new_tokens = len(tokenizer(record.target, add_special_tokens=False)["input_ids"]) + 4
-        prediction = generate_answers(model, tokenizer, [record.prompt], batch_size=1,
-                                      max_new_tokens=max_new_tokens, progress=False, chat_template=chat_template)[0]
+            max_new_tokens = default_max_new_tokens(tokenizer, [record])
+        prediction = generate_answers(model, tokenizer, [record.prompt], batch_size=1, max_new_tokens=max_new_tokens,
+                                      progress=False, reading=reading)[0]
         answer, source = record.target, "target"
         if use_prediction and prediction:
             # generate_answers strips the decoded text; keep the separator the target had
             lead = record.target[: len(record.target) - len(record.target.lstrip())]
             answer, source = lead + prediction, "prediction"
         # Causal columns come from the record as annotated; the prompt's tokens are the
-        # same whatever answer follows (prompt and answer are tokenized separately).
-        annotated = encode_record(tokenizer, record, span_columns=span_columns, add_eos=False,
-                                  chat_template=chat_template)
-        shown = encode_record(tokenizer, Record(prompt=record.prompt, target=answer), add_eos=False,
-                              chat_template=chat_template)
+        # same whatever answer follows (prompt and answer are tokenized separately), and so
+        # is the cut of a long record: the shown answer is cut to the annotated one's.
+        whole = replace(reading, max_length=None)
+        annotated_whole = whole.encode(tokenizer, record, add_eos=False)
+        shown = whole.encode(tokenizer, Record(prompt=record.prompt, target=answer), add_eos=False)
         n_prompt = sum(1 for x in shown.labels if x == -100)
+        prompt_text = render_prompt(tokenizer, record.prompt, reading.chat_template)
+        enc = tokenizer(prompt_text, add_special_tokens=not reading.chat_template, return_offsets_mapping=True)
+        prompt_ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        if prompt_ids != shown.input_ids[:n_prompt]:  # pragma: no cover - guards a tokenizer surprise
+            raise RuntimeError("prompt tokens differ between encodings")
+        trained = len(whole.encode(tokenizer, record).input_ids)  # as training read it, its EOS included
+        cut_at, cut = left_cut(offsets, n_prompt, trained, reading.max_length)
+        annotated = replace(reading, max_length=len(annotated_whole.input_ids) - cut).encode(
+            tokenizer, record, add_eos=False) if cut else annotated_whole
+        if cut:
+            shown = replace(reading, max_length=len(shown.input_ids) - cut).encode(
+                tokenizer, Record(prompt=record.prompt, target=answer), add_eos=False)
+            del prompt_ids[cut_at:cut_at + cut], offsets[cut_at:cut_at + cut]
+            n_prompt -= cut
         rows = [j - 1 for j in range(1, len(shown.input_ids)) if shown.labels[j] != -100]
         if not rows:
             raise ValueError("the answer has no tokens to explain (empty target)")
         ids = torch.tensor([shown.input_ids], device=next(model.parameters()).device)
         probe = AttentionProbe(torch.tensor([rows], device=ids.device), detach=True,
-                               layers=resolve_layers(model, layers))
+                               layers=resolve_layers(model, reading.layer_list))
         with torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), cat_probe=probe, use_cache=False)
         attn = probe.result()[0, :, :n_prompt].float().cpu()
         # In eval mode too (no dropout): the number `cattune eval` gives for this record.
-        ratio = causal_attention_ratio(model, tokenizer, [record], span_columns=span_columns, layers=layers,
-                                       chat_template=chat_template)
+        ratio = causal_attention_ratio(model, tokenizer, [record], reading=reading)
     finally:
         model.train(was_training)
 
-    prompt_text = render_prompt(tokenizer, record.prompt, chat_template)
-    enc = tokenizer(prompt_text, add_special_tokens=not chat_template, return_offsets_mapping=True)
-    prompt_ids = list(enc["input_ids"])
-    if prompt_ids != shown.input_ids[:n_prompt]:  # pragma: no cover - guards a tokenizer surprise
-        raise RuntimeError("prompt tokens differ between encodings")
     special_ids = set(tokenizer.all_special_ids)
     labels, special = [], []
-    for i, (tid, (s, e)) in enumerate(zip(prompt_ids, enc["offset_mapping"])):
+    for i, (tid, (s, e)) in enumerate(zip(prompt_ids, offsets)):
         if e > s and tid not in special_ids:
             labels.append(_label(prompt_text[s:e]))
         else:
@@ -156,7 +167,7 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
                        causal_columns=causal, annotated_columns=others, special_columns=special,
                        target=record.target, prediction=prediction, answer_source=source,
                        record_index=record_index, unaligned=[list(u) for u in annotated.unaligned],
-                       layers=None if layers is None else list(layers), attn_ratio=ratio)
+                       layers=reading.layer_list, attn_ratio=ratio, truncated=cut)
 
 
 def _figure(width: float, height: float):
@@ -242,12 +253,10 @@ def plot_explanation(expl: Explanation, out_png: str | os.PathLike, title: str |
 
 
 def plot_record(model, tokenizer, record: Record, out_png: str | os.PathLike, title: str,
-                span_columns: str = DEFAULT_SPAN_COLUMNS, record_index: int | None = None,
-                layers: list[int] | None = None, chat_template: bool = False) -> Path:
+                reading: Reading | None = None, record_index: int | None = None) -> Path:
     """:func:`explain_record` then :func:`plot_explanation`, the title followed by the
     target and the model's answer: the heatmap the demo and the experiment runner embed."""
-    expl = explain_record(model, tokenizer, record, span_columns=span_columns, record_index=record_index,
-                          layers=layers, chat_template=chat_template)
+    expl = explain_record(model, tokenizer, record, reading=reading, record_index=record_index)
     return plot_explanation(expl, out_png, title=f"{title}: target {expl.target.strip()!r}, "
                                                  f"answer {expl.prediction!r}")
 

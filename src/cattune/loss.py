@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 LOSS_KINDS = ("div", "div2", "nll", "hinge")
+DEFAULT_ALPHA = 2.0  # the paper's target ratio of causal to other attention (CATConfig.cat_alpha)
 
 
 def row_terms(attn: torch.Tensor, causal: torch.Tensor, visible: torch.Tensor):
@@ -95,7 +96,7 @@ def visible_columns(rows: torch.Tensor, length: int, attention_mask: torch.Tenso
 def re_attention_loss(
     attn: torch.Tensor,
     mask: torch.Tensor,
-    alpha: float = 2.0,
+    alpha: float = DEFAULT_ALPHA,
     kind: str = "div",
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -119,7 +120,7 @@ def re_attention_loss_rows(
     attn_rows: torch.Tensor,
     rows: torch.Tensor,
     causal: torch.Tensor,
-    alpha: float = 2.0,
+    alpha: float = DEFAULT_ALPHA,
     kind: str = "div",
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:

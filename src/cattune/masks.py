@@ -13,7 +13,7 @@ without per-model special cases.
   at the end of a span has seen all of it; earlier positions (the "Smoking:" of
   "Smoking: 8") cannot carry the value, yet attending to them satisfies the loss.
   Measured on STG_E, "all" leaves CAT no better than plain fine-tuning out of
-  distribution while "last" is what makes it work (README, "Spans to columns").
+  distribution while "last" is what makes it work (docs/method.md, "Spans to columns").
 - ``"last_word"``: the tokens of the span's last whitespace-separated word ("8" of
   "Smoking: 8", all of "41.9%"). Same as "last" when the value is one token; for a
   value of several tokens ("41", ".", "9", "%") it keeps them all, where "last" would
@@ -275,6 +275,19 @@ def _piece(original: str, found: tuple[int, int], start: int, shift: int) -> tup
     return lo, lo + found[1] - found[0], shift + found[0] - lo
 
 
+def left_cut(offsets: list[tuple[int, int]], n_prompt: int, length: int, max_length: int | None) -> tuple[int, int]:
+    """Where a sequence of ``length`` tokens longer than ``max_length`` loses tokens, in
+    training and in evaluation alike: ``(start, count)``, prompt tokens from the left after
+    its leading special tokens (BOS: offsets (0, 0)), never the answer's. ``offsets``: at
+    least the prompt's, its first ``n_prompt`` tokens."""
+    start = 0
+    while start < n_prompt and offsets[start] == (0, 0):
+        start += 1
+    if max_length is None or length <= max_length:
+        return start, 0
+    return start, min(length - max_length, n_prompt - start)  # even the whole prompt may not be enough
+
+
 def encode_record(
     tokenizer,
     record: Record,
@@ -305,18 +318,10 @@ def encode_record(
     ids, offsets, labels = layout.ids, layout.offsets, layout.labels
     n_prompt = layout.n_prompt
 
-    # Left truncation: keep leading special tokens (BOS) and the answer.
-    truncated = False
-    cut = 0  # tokens removed; positions >= keep_prefix shift left by `cut`
-    keep_prefix = 0
-    while keep_prefix < n_prompt and offsets[keep_prefix] == (0, 0):
-        keep_prefix += 1
+    keep_prefix, cut = left_cut(offsets, n_prompt, len(ids), max_length)  # positions >= keep_prefix shift left by `cut`
+    truncated = max_length is not None and len(ids) > max_length
     kept_lo, kept_hi = 0, 1 << 62  # characters still covered by kept tokens
-    if max_length is not None and len(ids) > max_length:
-        truncated = True
-        cut = len(ids) - max_length
-        if cut > n_prompt - keep_prefix:  # even the whole prompt is not enough
-            cut = n_prompt - keep_prefix
+    if truncated:
         kept_lo = max((offsets[i][1] for i in range(keep_prefix, keep_prefix + cut)), default=0)
         for tokens in (ids, labels, offsets):  # in place, not copies of a long record's lists
             del tokens[keep_prefix : keep_prefix + cut]

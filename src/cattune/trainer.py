@@ -26,8 +26,9 @@ from transformers.utils import logging
 from .attention import AttentionProbe, resolve_layers, use_row_probe
 from .config import CATConfig
 from .loss import attention_ratio, counted_rows, row_loss, row_terms, visible_columns
-from .masks import EncodedRecord, collate, encode_record
-from .models import prepare_tokenizer, takes_logits_to_keep, write_training_info
+from .masks import EncodedRecord, collate
+from .models import prepare_tokenizer, takes_logits_to_keep
+from .reading import Reading, write_training_info
 from .records import Record, record_from_json
 
 logger = logging.get_logger(__name__)
@@ -68,10 +69,8 @@ class EncodedDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def encode_dataset(tokenizer, records: list[Record], max_length: int, span_columns: str,
-                   chat_template: bool = False) -> tuple[EncodedDataset, dict]:
-    items = [encode_record(tokenizer, r, max_length=max_length, span_columns=span_columns, chat_template=chat_template)
-             for r in records]
+def encode_dataset(tokenizer, records: list[Record], reading: Reading) -> tuple[EncodedDataset, dict]:
+    items = [reading.encode(tokenizer, r) for r in records]
     reasons: dict[str, int] = defaultdict(int)
     for e in items:
         for *_, reason in e.unaligned:
@@ -164,7 +163,7 @@ class CATTrainer(Trainer):
             self._cat_step_rows = None
 
     def _encode(self, name, tokenizer, records, args):
-        data, stats = encode_dataset(tokenizer, records, args.max_length, args.cat_span_columns, args.chat_template)
+        data, stats = encode_dataset(tokenizer, records, args.reading)
         self.encode_stats[name] = stats
         kept = stats["records_with_supervised_rows"]
         reasons = stats["unaligned_reasons"] or "no annotations"
@@ -326,9 +325,7 @@ class CATTrainer(Trainer):
 
                 res = decode_and_check(self.model, self.processing_class, share, checker=self.args.eval_checker,
                                        batch_size=self.args.per_device_eval_batch_size, progress=False,
-                                       span_columns=self.args.cat_span_columns, layers=self.args.cat_layers,
-                                       chat_template=self.args.chat_template, max_length=self.args.max_length,
-                                       attention=False)
+                                       reading=self.args.reading, attention=False)
                 correct = res.correct
             sums.append([correct, len(share)])
         totals = torch.tensor(sums, dtype=torch.float64, device=self.args.device)

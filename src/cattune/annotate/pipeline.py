@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..files import atomic_write_text
-from ..masks import DEFAULT_SPAN_COLUMNS
+from ..masks import DEFAULT_MAX_LENGTH
+from ..reading import Reading
 from ..records import Annotation, Record
 from .llm import Outcome, RequestFailed, Stopped
 from .output import (
@@ -277,11 +278,11 @@ def rules_annotator(rules) -> Callable[[Record], Outcome]:
 
 
 
-def check_alignment(items: list[tuple[int, Record]], tokenizer, max_length: int | None = None,
-                    span_columns: str = DEFAULT_SPAN_COLUMNS, examples: int = 3) -> dict[str, Any]:
-    """How many annotated (key, value) pairs land on tokens, and why the others do not."""
-    from ..masks import encode_record
-
+def check_alignment(items: list[tuple[int, Record]], tokenizer, reading: Reading | None = None,
+                    examples: int = 3) -> dict[str, Any]:
+    """How many annotated (key, value) pairs land on tokens, and why the others do not,
+    the records read as training reads them (``reading``; default: training's defaults)."""
+    reading = reading or Reading(max_length=DEFAULT_MAX_LENGTH)
     pairs = aligned = annotated = 0
     reasons: Counter[str] = Counter()
     shown: dict[str, list[dict[str, Any]]] = {}
@@ -289,7 +290,7 @@ def check_alignment(items: list[tuple[int, Record]], tokenizer, max_length: int 
         if not record.important:
             continue
         annotated += 1
-        encoded = encode_record(tokenizer, record, max_length=max_length, span_columns=span_columns)
+        encoded = reading.encode(tokenizer, record)
         pairs += encoded.n_pairs
         aligned += encoded.n_pairs - len(encoded.unaligned)
         for key, value, reason in encoded.unaligned:

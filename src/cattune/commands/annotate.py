@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import replace
 from typing import Any, Callable
 
 from ..annotate.llm import (
@@ -31,6 +32,7 @@ from ..annotate.pipeline import annotate_file, check_alignment, rules_annotator
 from ..annotate.prompt import load_demos, load_instructions, read_records
 from ..annotate.secrets import Redactor
 from ..masks import DEFAULT_MAX_LENGTH, DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
+from ..reading import saved_reading
 from ..records import Record
 from .common import number_option
 
@@ -51,7 +53,11 @@ def _load_tokenizer(args, items):
 def _run_check(args) -> int:
     items = read_records(args.input)
     tokenizer, name = _load_tokenizer(args, items)
-    result = check_alignment(items, tokenizer, args.max_length, args.span_columns)
+    reading = saved_reading(args.tokenizer, chat_template=args.chat_template, span_columns=args.span_columns,
+                            max_length=args.max_length)
+    if reading.max_length is None:  # not a model cattune trained: training's default
+        reading = replace(reading, max_length=DEFAULT_MAX_LENGTH)
+    result = check_alignment(items, tokenizer, reading)
     result["tokenizer"] = name
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
@@ -156,10 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: a BPE tokenizer trained on the input, see --tokenizer-kind)")
     chk.add_argument("--tokenizer-kind", choices=("bytelevel", "metaspace"), default="bytelevel",
                      help="kind of tokenizer trained when --tokenizer is not given (default: %(default)s)")
-    chk.add_argument("--max-length", metavar="N", type=number_option(int, low=1), default=DEFAULT_MAX_LENGTH,
-                     help="truncate records to this many tokens, as training does (default: training's, %(default)s)")
-    chk.add_argument("--span-columns", choices=SPAN_COLUMNS, default=DEFAULT_SPAN_COLUMNS,
-                     help="which tokens of a value become columns, as in training (default: %(default)s)")
+    chk.add_argument("--max-length", metavar="N", type=number_option(int, low=1), default=None,
+                     help="truncate records to this many tokens, as training does (default: as the --tokenizer "
+                     f"model was trained (its cattune.json), else training's default, {DEFAULT_MAX_LENGTH})")
+    chk.add_argument("--span-columns", choices=SPAN_COLUMNS, default=None,
+                     help="which tokens of a value become columns, as in training (default: as the --tokenizer "
+                     f"model was trained, else {DEFAULT_SPAN_COLUMNS})")
+    chk.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                     help="records through the tokenizer's chat template, as training with chat_template does "
+                     "(default: as the --tokenizer model was trained, else off)")
     chk.add_argument("--json", action="store_true", help="print the result as JSON")
     chk.add_argument("--strict", action="store_true", help="exit with status 1 if any pair does not align")
     return p

@@ -25,8 +25,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_training_settings_options(group, measured: str) -> None:
-    """--span-columns, --layers and --chat-template, each defaulting to how the model was
-    trained (its cattune.json), so that a saved model is read as it was trained."""
+    """--span-columns, --layers, --chat-template and --max-length: the reading settings
+    (cattune.reading), each defaulting to how the model was trained (its cattune.json), so
+    that a saved model is read as it was trained."""
     group.add_argument("--span-columns", choices=SPAN_COLUMNS, default=None,
                        help=f"value tokens counted as causal {measured}; default: as the model was trained "
                        f"(its cattune.json), else {DEFAULT_SPAN_COLUMNS}")
@@ -36,6 +37,9 @@ def add_training_settings_options(group, measured: str) -> None:
     group.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                        help="prompts through the tokenizer's chat template; default: as the model was trained "
                        "(cattune.json), else off")
+    group.add_argument("--max-length", type=number_option(int, low=1), default=None,
+                       help="tokens per record, prompt cut from the left as in training; default: as the model was "
+                       "trained (cattune.json), else the model's max_position_embeddings")
 
 
 def parse_layers(text: str) -> list[int] | None:

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from ..checkers import CHECKERS
-from ..evaluate import evaluate
+from ..evaluate import EVAL_BATCH_SIZE, evaluate
 from ..files import check_distinct_paths, check_writable_file, model_inputs
-from ..models import load_model, training_settings
+from ..models import load_model
+from ..reading import saved_reading
 from ..tasks import load_data
 from ..text import format_ratio
 from .common import HelpFormatter, add_training_settings_options, format_table, write_json
@@ -30,12 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "repeat for several")
     p.add_argument("--checker", choices=sorted(CHECKERS), default=None,
                    help="answer checker (default: the task's own for TASK:SPLIT, else exact)")
-    p.add_argument("--batch-size", type=int, default=32, help="generation batch size")
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE, help="generation batch size")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest target + 4 tokens")
     add_training_settings_options(p, "in the attention ratio")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per record, prompt cut from the left as in training; default: as the model was "
-                   "trained (cattune.json), else the model's max_position_embeddings")
     p.add_argument("--skip-invalid", action="store_true",
                    help="leave out broken records (reported with file and line) instead of stopping")
     p.add_argument("--out", default=None,
@@ -46,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    for name in ("batch_size", "max_new_tokens", "max_length"):
+    for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     in_model_dir = args.out is None and Path(args.model).is_dir()
@@ -56,10 +54,9 @@ def run(args) -> int:
     check_writable_file(out, "--out")  # before the model loads and the evaluation runs
     on_error = "skip" if args.skip_invalid else "raise"
     datasets = {path: load_data(path, on_error=on_error) for path in args.data}  # bad input fails first
-    settings = training_settings(args.model, chat_template=args.chat_template, span_columns=args.span_columns,
-                                 layers=args.layers)
-    if args.max_length is not None:
-        settings["max_length"] = args.max_length
+    reading = saved_reading(args.model, chat_template=args.chat_template, span_columns=args.span_columns,
+                            layers=args.layers, max_length=args.max_length)
+    settings = reading.to_json()
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     results, rows = {}, []
     for path, (records, task) in datasets.items():
@@ -68,9 +65,7 @@ def run(args) -> int:
         checker = args.checker or (task.checker if task is not None else "exact")
         check = task.checker_fn if task is not None and checker == task.checker else checker
         res = evaluate(model, tokenizer, records, checker=check, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, desc=Path(path).name,
-                       span_columns=settings["span_columns"], layers=settings["layers"],
-                       chat_template=settings["chat_template"], max_length=settings["max_length"])
+                       max_new_tokens=args.max_new_tokens, desc=Path(path).name, reading=reading)
         if res.truncated:
             print(f"{path}: {res.truncated} of {res.n} prompts longer than max_length were cut from the left",
                   file=sys.stderr)

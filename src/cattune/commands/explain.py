@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..explain import explain_record, plot_explanation, plot_ratio_curve
 from ..files import atomic_write_text, check_distinct_paths, check_writable_file, model_inputs
-from ..models import load_model, training_settings
+from ..models import load_model
+from ..reading import saved_reading
 from ..tasks import load_data
 from ..text import format_ratio
 from .common import add_training_settings_options, number_option
@@ -63,15 +64,17 @@ def run(args) -> int:
     records, _ = load_data(args.data)
     if not 0 <= args.record < len(records):
         raise ValueError(f"--record {args.record} is out of range: {args.data} has {len(records)} records")
-    settings = training_settings(args.model, chat_template=args.chat_template, span_columns=args.span_columns,
-                                 layers=args.layers)
+    reading = saved_reading(args.model, chat_template=args.chat_template, span_columns=args.span_columns,
+                            layers=args.layers, max_length=args.max_length)
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     expl = explain_record(model, tok, records[args.record], use_prediction=args.use_prediction,
-                          span_columns=settings["span_columns"], record_index=args.record, layers=settings["layers"],
-                          chat_template=settings["chat_template"])
+                          reading=reading, record_index=args.record)
     path = plot_explanation(expl, args.out, show_special=args.show_special)
     if args.json:
         atomic_write_text(args.json, json.dumps(expl.to_json(), ensure_ascii=False) + "\n")
+    if expl.truncated:
+        print(f"note: training cut {expl.truncated} prompt token(s) of this record from the left (max_length "
+              f"{reading.max_length}); they are not shown", file=sys.stderr)
     if expl.unaligned:
         print(f"note: {len(expl.unaligned)} annotated pair(s) could not be placed: {expl.unaligned[:3]}",
               file=sys.stderr)

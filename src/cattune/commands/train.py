@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
-from transformers.trainer import TRAINER_STATE_NAME
 
 from ..config import CATConfig, check_lora
 from ..records import load_records
-from ..trainer import CATTrainer, checkpoints, complete_checkpoint, end_distributed
+from ..run import (
+    ModelSpec, Run, build_model, evaluate_tests, identity, make_trainer, remove_stale, resume_point, write_identity,
+)
+from ..trainer import end_distributed
 from ..fields import typed_fields
-from ..files import check_distinct_paths, check_writable_dir, file_digest, load_config_file, model_inputs, output_lock
-from ..models import load_model, lora_model
+from ..files import check_distinct_paths, check_writable_dir, load_config_file, model_inputs, output_lock
+from ..models import lora_model
 from .common import HelpFormatter, write_json
 
 CONFIG_HINT = """\
@@ -153,83 +155,6 @@ def run(args) -> int:
     return code
 
 
-RUN_FILE = ".cattune-run.json"  # what the run in --out trains: a resume must be the same run
-MODEL_FILES = ("config.json", "adapter_config.json")  # one of them in --out: it holds a saved model
-FINGERPRINT = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "cat_alpha",
-               "cat_gamma", "cat_gamma_decay", "cat_layers", "cat_span_columns", "cat_loss", "chat_template",
-               "max_length")
-
-
-def run_fingerprint(targs, config) -> dict:
-    """What makes two invocations the same run. The schedule's length is not in it, so a
-    resumed run may be given more steps or epochs."""
-    return {"train": str(Path(targs.train).resolve()), "train_sha256": file_digest(targs.train),
-            "model": targs.model, "lora": targs.lora, **{name: getattr(config, name) for name in FINGERPRINT}}
-
-
-def resume_checkpoint(targs, config) -> tuple[str | None, list[Path], str]:
-    """The checkpoint to resume from, what in --out must go before training, and why.
-
-    A path is taken as given; a bare --resume_from_checkpoint (or "true") means the last
-    complete one in --out. Without it, re-running a killed command continues from the
-    last complete checkpoint in --out, but only if that run is unfinished and had the same
-    data (by content), model and settings: anything else is an error rather than a silent
-    continuation of another run, and a model in --out is not replaced unasked.
-    --overwrite_output_dir removes an earlier run's checkpoints and reports and starts from
-    step 0. A checkpoint whose save was cut short (no trainer_state.json) is removed. This
-    only decides: the caller removes once every check has passed."""
-    named, out = config.resume_from_checkpoint, Path(config.output_dir)
-    complete, incomplete = checkpoints(out) if out.is_dir() else ([], [])
-    if targs.overwrite_output_dir:
-        if named is not None:
-            raise ValueError("--overwrite_output_dir starts from step 0: drop --resume_from_checkpoint")
-        stale = complete + incomplete + [out / n for n in ("train_report.json", "eval_results.json", RUN_FILE)]
-        return None, [p for p in stale if p.exists()], ("--overwrite_output_dir: removed {n} checkpoint(s) and "
-                                                        "report(s) of an earlier run in {out}")
-    cut = (incomplete, "removed {names} in {out}: incomplete, its save was cut short")
-    last = str(complete[-1]) if complete else None
-    if named is not None and str(named).lower() not in ("true", "1", "yes", "last"):
-        if Path(named).is_dir() and not complete_checkpoint(named):
-            raise ValueError(f"--resume_from_checkpoint {named}: incomplete (no readable {TRAINER_STATE_NAME}; its "
-                             "save was cut short); give an earlier checkpoint")
-        return named, *cut
-    if named is not None:
-        if last is None:
-            raise ValueError(f"--resume_from_checkpoint: no complete checkpoint-N directory in --out {out}")
-        return last, *cut
-    finished = (out / "train_report.json").exists()
-    try:
-        earlier = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        earlier = None
-    now = json.loads(json.dumps(run_fingerprint(targs, config)))  # as it reads back from the file
-    if last is None:
-        if finished:  # a finished run saved without checkpoints
-            raise ValueError(f"--out {out} holds a finished run (train_report.json); --overwrite_output_dir "
-                             "replaces it, or give another --out")
-        held = [n for n in MODEL_FILES if (out / n).is_file()]
-        if held and earlier != now:  # not this run's own model, saved just before a kill
-            raise ValueError(f"--out {out} holds a model ({held[0]}); --overwrite_output_dir replaces it, or give "
-                             "another --out")
-        return None, *cut
-    hint = "pass --resume_from_checkpoint to continue it anyway, --overwrite_output_dir to start over, or another --out"
-    if finished:
-        raise ValueError(f"--out {out} holds a finished run (train_report.json, {Path(last).name}); {hint}")
-    if earlier != now:
-        differ = sorted(k for k in now if not isinstance(earlier, dict) or earlier.get(k) != now[k])
-        raise ValueError(f"--out {out} holds checkpoints of another run (it differs in: "
-                         f"{', '.join(differ) or 'unknown settings'}); {hint}")
-    return last, *cut
-
-
-def _remove(stale: list[Path], message: str, out: str) -> None:
-    if not stale or int(os.environ.get("RANK", "0")) != 0:  # one process cleans up
-        return
-    for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    print(message.format(n=len(stale), names=", ".join(p.name for p in stale), out=out), file=sys.stderr)
-
-
 def _train(targs, config) -> int:
     check_distinct_paths(inputs={"--train": [targs.train], "--eval": [targs.eval],
                                  "--model": model_inputs(targs.model, results=())},
@@ -240,6 +165,11 @@ def _train(targs, config) -> int:
         return _train_locked(targs, config)
 
 
+def model_spec(targs) -> ModelSpec:
+    lora = {"r": targs.lora_r, "alpha": targs.lora_alpha, "dropout": targs.lora_dropout} if targs.lora else None
+    return ModelSpec(reference=targs.model, lora=lora, trust_remote_code=targs.trust_remote_code)
+
+
 def _train_locked(targs, config) -> int:
     on_error = "skip" if targs.skip_invalid else "raise"
     train_records = load_records(targs.train, on_error=on_error)
@@ -248,39 +178,33 @@ def _train_locked(targs, config) -> int:
     eval_records = load_records(targs.eval, on_error=on_error) if targs.eval else None
     if targs.eval and not eval_records:
         raise ValueError(f"--eval {targs.eval}: no records")
-    resume, stale, why = resume_checkpoint(targs, config)
+    spec = model_spec(targs)
+    job = Run(model=spec, config=config, train=train_records, eval=eval_records,
+              tests={targs.eval: eval_records} if eval_records else {}, checker=config.eval_checker)
+    ident = identity(job)
+    resume, stale, why = resume_point(config.output_dir, ident, named=config.resume_from_checkpoint,
+                                      overwrite=targs.overwrite_output_dir)
     base_model, staged = targs.model, None
-    if targs.model:
-        model, tokenizer = load_model(targs.model, trust_remote_code=targs.trust_remote_code)
-    else:
-        from ..tiny import build
-
-        model, tokenizer = build([r.text for r in train_records], seed=config.seed)
-        if targs.lora:
-            # The embedded model is built from the data, so an adapter alone could not be
-            # loaded again: keep its (frozen) base beside it, referenced from cattune.json.
-            # Saved before LoRA wraps it, put in place once every check has passed.
-            base_model = str(Path(config.output_dir, "base_model").resolve())
-            if not resume and int(os.environ.get("RANK", "0")) == 0:
-                staged = tempfile.mkdtemp(prefix=".base_model.", dir=config.output_dir)
-                model.save_pretrained(staged)
-                tokenizer.save_pretrained(staged)
+    if targs.model is None and targs.lora:
+        # The embedded model is built from the data: its (frozen) base is kept beside the
+        # adapter, referenced from cattune.json, put in place once every check has passed.
+        base_model = str(Path(config.output_dir, "base_model").resolve())
+        if not resume and int(os.environ.get("RANK", "0")) == 0:
+            staged = tempfile.mkdtemp(prefix=".base_model.", dir=config.output_dir)
     try:
-        if targs.lora:
-            model = lora_model(model, r=targs.lora_r, alpha=targs.lora_alpha, dropout=targs.lora_dropout)
-        trainer = CATTrainer(model=model, args=config, train_dataset=train_records, eval_dataset=eval_records,
-                             processing_class=tokenizer, base_model=base_model)
+        model, tokenizer = build_model(spec, [r.text for r in train_records], seed=config.seed, save_base=staged)
+        trainer = make_trainer(job, model, tokenizer, base_model, resume=resume)
     except BaseException:
         if staged:
             shutil.rmtree(staged, ignore_errors=True)
         raise
     # Every check has passed: only now is anything in --out removed or replaced.
-    _remove(stale, why, config.output_dir)
+    remove_stale(stale, why, config.output_dir, log=lambda msg: print(msg, file=sys.stderr))
     if staged:
         shutil.rmtree(base_model, ignore_errors=True)
         os.replace(staged, base_model)
     if trainer.is_world_process_zero():
-        write_json(Path(config.output_dir) / RUN_FILE, run_fingerprint(targs, config))
+        write_identity(config.output_dir, ident)
         print(f"data: {json.dumps(trainer.encode_stats)}", file=sys.stderr)
         if resume:
             print(f"resuming from {resume}" + ("" if config.resume_from_checkpoint else
@@ -290,11 +214,7 @@ def _train_locked(targs, config) -> int:
     report = {"encode": trainer.encode_stats, "warnings": trainer.cat_warnings,
               "log_history": trainer.state.log_history}
     if eval_records and trainer.is_world_process_zero():
-        from ..evaluate import evaluate
-
-        res = evaluate(trainer.model, tokenizer, eval_records, checker=config.eval_checker,
-                       span_columns=config.cat_span_columns, layers=config.cat_layers,
-                       chat_template=config.chat_template, max_length=config.max_length)
+        res = evaluate_tests(job, trainer.model, tokenizer, progress=True)[targs.eval]
         report["eval"] = {"accuracy": res.accuracy, "n": res.n, "attention_ratio": res.attention_ratio,
                           "abs_error": res.abs_error, "unparsed": res.unparsed}
         error = "" if res.abs_error is None else f", mean abs error {res.abs_error:.2f}"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..evaluate import EVAL_BATCH_SIZE
 from ..files import load_config_file
 from ..shipped import is_builtin, shipped_file, shipped_names
 from ..tasks import Task, TaskError, get_task, load_task_file
@@ -27,7 +28,7 @@ from ..fields import _typed, typed_fields
 
 # Set by the runner itself: a config that sets them is refused.
 RESERVED_TRAIN = ("output_dir", "seed", "save_strategy", "report_to")
-DEFAULT_EVAL = {"batch_size": 32, "max_new_tokens": None}
+DEFAULT_EVAL = {"batch_size": EVAL_BATCH_SIZE, "max_new_tokens": None}
 
 _CONFIG_KEYS = {"name", "output", "seeds", "arms", "models", "tasks", "task_files", "train", "train_from", "arm_args",
                 "eval", "save_models", "save_predictions", "threads", "checkpoint_minutes", "description", "reference"}

@@ -19,7 +19,8 @@ from typing import Any
 
 from ..files import atomic_write_text
 from ..text import format_ratio
-from .config import ARMS, ExperimentConfig, train_args_for
+from .arms import ARMS
+from .config import ExperimentConfig, train_args_for
 
 # Two-sided 95% quantiles of Student's t, df 1..30, as printed in t-tables: scipy (which
 # has them exactly) is not among cattune's dependencies for this one number.

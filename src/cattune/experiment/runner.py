@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -34,8 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..config import CATConfig
 from ..files import atomic_write_text, output_lock
 from ..models import check_model_reference
+from ..run import (
+    ModelSpec, Run, build_model, evaluate_tests, identity, make_trainer, records_digest, remove_stale, result_summary,
+    resume_point, seconds_in, write_identity,
+)
 from ..records import Record
 from .arms import placebo_records
 from .config import ConfigError, ExperimentConfig, ModelEntry, RunSpec, TaskEntry, plan, settings_hash, train_args_for
@@ -98,78 +102,18 @@ def load_task_data(entry: TaskEntry, need_tokenizer_texts: bool = True) -> TaskD
 
 
 PARTIAL = ".{}.partial"  # a run's checkpoint directory, named by its run id
-ELAPSED = "cattune_train_seconds.json"  # in each checkpoint: training seconds up to it, over all resumptions
 
 
-def records_digest(records: list[Record]) -> str:
-    """The content of a run's training records: a task file changed at the same path is
-    other data, and a checkpoint trained on the old records must not be continued on it."""
-    from ..records import dumps_record
-
-    blob = "".join(dumps_record(r) + "\n" for r in records)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
-def _resume_point(work: Path, settings: str, data: str) -> tuple[str | None, float]:
-    """The last checkpoint in a run's directory, and the training seconds it holds;
-    (None, 0) if there is none, or it was written under other settings or on other data
-    (then removed). The stamp is "SETTINGS DATA"; one written before the data was stamped
-    holds the settings alone."""
-    stamp = work / "settings"
-    written = stamp.read_text().split() if stamp.is_file() else []
-    if work.is_dir() and (written[:1] != [settings] or written[1:2] not in ([], [data])):
-        shutil.rmtree(work, ignore_errors=True)
-    from ..trainer import checkpoints
-
-    complete, cut = checkpoints(work) if work.is_dir() else ([], [])
-    # A kill mid-save leaves one without its state or time file: take the one before, and
-    # remove the cut one, or the Trainer's rotation (by step) would keep it and delete the good ones.
-    cut += [c for c in complete if not (c / ELAPSED).is_file()]
-    complete = [c for c in complete if (c / ELAPSED).is_file()]
-    for ckpt in cut:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    if complete:
-        return str(complete[-1]), float(json.loads((complete[-1] / ELAPSED).read_text())["train_seconds"])
-    return None, 0.0
-
-
-def _checkpoint_callback(minutes: float, seconds_before: float):
-    """A TrainerCallback that saves a checkpoint every ``minutes`` of training, and at the
-    last step of a run that took that long: a kill costs at most ``minutes`` of work."""
-    from transformers import TrainerCallback
-
-    class TimedCheckpoints(TrainerCallback):
-        def __init__(self):
-            self.started = self.last = time.time()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = time.time()
-            if now - self.last >= minutes * 60 or (state.global_step >= state.max_steps
-                                                   and now - self.started >= minutes * 60):
-                control.should_save = True
-
-        def on_save(self, args, state, control, **kwargs):
-            self.last = time.time()
-            spent = seconds_before + self.last - self.started
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            atomic_write_text(ckpt / ELAPSED, json.dumps({"train_seconds": round(spent, 1)}) + "\n")
-
-    return TimedCheckpoints()
-
-
-def _build_model(model: ModelEntry, data: TaskData, seed: int):
-    if model.is_tiny:
-        from ..tiny import build
-
-        return build(data.tokenizer_texts, seed=seed, **model.tiny)
-    from ..models import load_model
-
-    m, tok = load_model(model.path, trust_remote_code=model.trust_remote_code)
-    if model.lora is not None:
-        from ..models import lora_model
-
-        m = lora_model(m, **model.lora)
-    return m, tok
+def run_of(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry, spec: RunSpec, data: TaskData,
+           work: Path, progress: bool = False) -> Run:
+    """The :class:`cattune.run.Run` of one planned run, before placebo annotations."""
+    # save_strategy "no": checkpoints come only from the timer (cattune.run), and only the last is kept.
+    kw = {"disable_tqdm": not progress, **train_args_for(config, entry, spec.arm), "output_dir": str(work),
+          "seed": spec.seed, "save_strategy": "no", "save_total_limit": 1, "report_to": []}
+    return Run(model=ModelSpec(reference=model_entry.path, lora=model_entry.lora, tiny=model_entry.tiny,
+                               trust_remote_code=model_entry.trust_remote_code),
+               config=CATConfig(**kw), train=data.train, tests=data.tests, checker=entry.task.checker_fn,
+               tokenizer_texts=data.tokenizer_texts)
 
 
 def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry, spec: RunSpec, data: TaskData,
@@ -193,62 +137,46 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
 
 def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry, spec: RunSpec, data: TaskData,
              out: Path, progress: bool) -> dict:
-    from ..evaluate import evaluate
-    from ..config import CATConfig
-    from ..trainer import CATTrainer
-
     started = time.time()
-    model, tok = _build_model(model_entry, data, spec.seed)
-    train = data.train
+    work = out / PARTIAL.format(spec.run_id) if config.checkpoint_minutes else Path(
+        tempfile.mkdtemp(prefix=f".{spec.run_id}.", dir=out))
+    job = run_of(config, entry, model_entry, spec, data, work, progress)
+    keep = config.keeps_model(spec.seed)
+    model_dir = out / "models" / spec.run_id
+    # The tiny model exists nowhere else: an adapter trained on it keeps its base beside it.
+    base = model_dir / "base_model" if keep and model_entry.is_tiny and model_entry.lora is not None else None
+    if base is not None:
+        shutil.rmtree(base, ignore_errors=True)
     placebo_counts: dict[str, int] = {}
-    if spec.arm == "placebo":
-        train = placebo_records(train, entry.task, seed=spec.seed, tokenizer=tok, counts=placebo_counts)
-    args = train_args_for(config, entry, spec.arm)
     settings = settings_hash(config, entry, model_entry, spec.arm)
-    train_data = records_digest(data.train)
-    resume, seconds_before = None, 0.0
-    if config.checkpoint_minutes:
-        work = out / PARTIAL.format(spec.run_id)
-        resume, seconds_before = _resume_point(work, settings, train_data)
-        work.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(work / "settings", f"{settings} {train_data}\n")
-    else:
-        work = Path(tempfile.mkdtemp(prefix=f".{spec.run_id}.", dir=out))
+    resume = None
     try:
-        # save_strategy "no": checkpoints come only from the timer below, and only the last is kept.
-        kw = {"disable_tqdm": not progress, **args, "output_dir": str(work), "seed": spec.seed,
-              "save_strategy": "no", "save_total_limit": 1, "report_to": []}
-        targs = CATConfig(**kw)
-        trainer = CATTrainer(model=model, args=targs, train_dataset=train, processing_class=tok,
-                             base_model=model_entry.path)
+        model, tok = build_model(job.model, data.tokenizer_texts, spec.seed, save_base=base)
+        if spec.arm == "placebo":
+            job.train = placebo_records(data.train, entry.task, seed=spec.seed, tokenizer=tok, counts=placebo_counts)
+        ident = identity(job, settings=settings)
+        if config.checkpoint_minutes:
+            resume, stale, why = resume_point(work, ident, scratch=True)
+            remove_stale(stale, why, work, log=lambda msg: None)
+            work.mkdir(parents=True, exist_ok=True)
+            write_identity(work, ident)
+        trainer = make_trainer(job, model, tok, str(base) if base is not None else model_entry.path, resume=resume,
+                               checkpoint_minutes=config.checkpoint_minutes)
         # Without progress bars the Trainer prints every log line; they go to logs/RUN.json instead.
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-        if config.checkpoint_minutes:
-            trainer.add_callback(_checkpoint_callback(config.checkpoint_minutes, seconds_before))
         trainer.train(resume_from_checkpoint=resume)
     finally:
         if not config.checkpoint_minutes:
             shutil.rmtree(work, ignore_errors=True)
-    train_seconds = seconds_before + time.time() - started
+    train_seconds = seconds_in(resume) + time.time() - started
     history = trainer.state.log_history
-    if config.keeps_model(spec.seed):
-        model_dir = out / "models" / spec.run_id
+    if keep:
         trainer.save_model(str(model_dir))
-        tok.save_pretrained(str(model_dir))
-    tests, predictions = {}, {}
-    for name, records in data.tests.items():
-        res = evaluate(model, tok, records, checker=entry.task.checker_fn, batch_size=config.eval["batch_size"],
-                       max_new_tokens=config.eval["max_new_tokens"], progress=progress,
-                       desc=f"{spec.run_id} {name}", span_columns=trainer.args.cat_span_columns,
-                       layers=trainer.args.cat_layers, chat_template=trainer.args.chat_template,
-                       max_length=trainer.args.max_length)  # prompts cut as in training
-        tests[name] = {"accuracy": res.accuracy, "n": res.n, "correct": res.correct,
-                       "attention_ratio": res.attention_ratio}
-        if res.abs_error is not None:  # numeric answers: how far off, beyond exact match
-            tests[name].update(abs_error=res.abs_error, unparsed=res.unparsed)
-        predictions[name] = res.predictions
+    evaluated = evaluate_tests(job, model, tok, batch_size=config.eval["batch_size"],
+                               max_new_tokens=config.eval["max_new_tokens"], progress=progress, desc=spec.run_id)
+    tests = {name: result_summary(res) for name, res in evaluated.items()}
     attention_plot = None
     if spec.seed == config.seeds_of(spec.task)[0]:  # one heatmap per task, model and arm
         from ..explain import plot_record
@@ -256,9 +184,7 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
         name, records = list(data.tests.items())[-1]
         if records:
             path = plot_record(model, tok, records[0], out / "plots" / f"{spec.run_id}.png",
-                               title=f"{spec.run_id}, {name} record 0", span_columns=trainer.args.cat_span_columns,
-                               record_index=0, layers=trainer.args.cat_layers,
-                               chat_template=trainer.args.chat_template)
+                               title=f"{spec.run_id}, {name} record 0", reading=job.config.reading, record_index=0)
             attention_plot = str(path.relative_to(out))
     log_path = out / "logs" / f"{spec.run_id}.json"
     atomic_write_text(log_path, json.dumps({"run": dataclasses.asdict(spec), "encode": trainer.encode_stats,
@@ -266,14 +192,14 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
     if config.save_predictions:
         atomic_write_text(out / "predictions" / f"{spec.run_id}.jsonl", "".join(
             json.dumps({"test": name, **p}, ensure_ascii=False) + "\n"
-            for name, preds in predictions.items() for p in preds))
+            for name, res in evaluated.items() for p in res.predictions))
     ratios = [h["attn_ratio"] for h in history if "attn_ratio" in h]
     resumed = {"resumed_at_step": int(resume.rpartition("-")[2])} if resume else {}
     losses = [h["loss"] for h in history if "loss" in h]
     return {
         "task": spec.task, "model": spec.model, "arm": spec.arm, "seed": spec.seed,
         "tests": tests,
-        "train_split": entry.train_split, "n_train": len(train),
+        "train_split": entry.train_split, "n_train": len(job.train),
         "steps": trainer.state.global_step,
         "final_loss": losses[-1] if losses else None,
         "final_train_attn_ratio": ratios[-1] if ratios else None,
@@ -281,7 +207,7 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
         "placebo": placebo_counts or None,
         "encode": trainer.encode_stats.get("train"),
         "settings": settings,
-        "train_data": train_data,
+        "train_data": records_digest(data.train),
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.time() - started, 1),
         "log": str(log_path.relative_to(out)),
