@@ -517,10 +517,10 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     (work / "checkpoint-4").mkdir()  # killed while saving: no state file yet
     assert resumed({"settings": "abc", "train_sha256": "d1"}) == str(work / "checkpoint-2")
     assert not (work / "checkpoint-4").exists()  # else the Trainer's rotation would keep it, not checkpoint-2
-    (work / "checkpoint-6").mkdir()  # the Trainer's state written, the time file not yet: resumable, time unknown
+    (work / "checkpoint-6").mkdir()  # the Trainer's state written, the time file not yet: the run's time is lost
     (work / "checkpoint-6" / "trainer_state.json").write_text("{}")
-    assert resumed({"settings": "abc", "train_sha256": "d1"}) == str(work / "checkpoint-6")
-    assert seconds_in(work / "checkpoint-6") == 0.0
+    assert resumed({"settings": "abc", "train_sha256": "d1"}) == str(work / "checkpoint-2")
+    assert not (work / "checkpoint-6").exists()
     assert resumed({"settings": "abc", "train_sha256": "d2"}) is None  # the task file changed
     assert not list(work.glob("checkpoint-*"))
     (work / "checkpoint-2").mkdir(parents=True)

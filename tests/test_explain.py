@@ -157,6 +157,27 @@ def test_explain_layers(trained, stg_e):
         explain.explain_record(model, tok, record, reading=Reading(layers=[2]))
 
 
+def test_explain_shows_a_long_record_as_training_cut_it(trained, stg_e):
+    # max_length cuts the prompt from the left after BOS; an answer longer than max_length
+    # alone is cut from the right, as encode_record does in training, and explain says so.
+    model, tok = trained["model"], trained["tok"]
+    record = stg_e.load("ood_test", limit=1)[0]
+    whole = Reading().encode(tok, record)
+    n_prompt = sum(1 for x in whole.labels if x == -100)
+    uncut = explain.explain_record(model, tok, record)
+    lead = next(i for i in range(n_prompt) if i not in uncut.special_columns)  # BOS, if the tokenizer adds one
+    uncut = uncut.prompt_tokens
+    for max_length in (len(whole.input_ids) - 3, 3):
+        reading = Reading(max_length=max_length)
+        expl = explain.explain_record(model, tok, record, reading=reading)
+        trained_as = reading.encode(tok, record)
+        kept_prompt = sum(1 for x in trained_as.labels if x == -100)
+        assert expl.truncated == n_prompt - kept_prompt > 0
+        assert len(expl.prompt_tokens) == kept_prompt
+        assert expl.prompt_tokens == uncut[:lead] + uncut[lead + expl.truncated:]
+        assert len(expl.prompt_tokens) + len(expl.answer_tokens) <= max_length
+
+
 @pytest.mark.parametrize("ratios, scale", [([1.0, 3.0, 20.0], "linear"), ([1.0, 5e3, 1e12], "log")])
 def test_ratio_curve_goes_log_when_the_ratio_explodes(tmp_path, monkeypatch, ratios, scale):
     scales = []

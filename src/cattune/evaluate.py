@@ -61,7 +61,8 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = EVA
     each prompt is the user turn of the tokenizer's chat template and the answer the
     assistant's turn, rendered as in training (``render_prompt``). Its ``max_length``
     bounds prompt + answer as training does (``masks.left_cut``): a longer prompt loses
-    tokens from the left, after its BOS; ``stats["truncated"]`` counts those prompts.
+    tokens from the left, after the special tokens the tokenizer adds in front (BOS);
+    ``stats["truncated"]`` counts those prompts.
     """
     reading = reading or Reading()
     chat_template, max_length = reading.chat_template, reading.max_length
@@ -76,13 +77,16 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = EVA
     truncated = 0
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+            fast = keep is not None and getattr(tokenizer, "is_fast", False)
             enc = tokenizer(prompts[i : i + batch_size], add_special_tokens=not chat_template,
-                            return_offsets_mapping=keep is not None)
+                            return_offsets_mapping=fast)
             ids = enc["input_ids"]
             if keep is not None:  # as encode_record cuts a training record
                 truncated += sum(len(x) > keep for x in ids)
-                cuts = [left_cut([tuple(o) for o in offsets], len(x), len(x), keep)
-                        for x, offsets in zip(ids, enc["offset_mapping"])]
+                # A slow tokenizer has no offsets (and cannot train): its added BOS is a special id.
+                offsets = ([[tuple(o) for o in off] for off in enc["offset_mapping"]] if fast else
+                           [[(0, 0) if t in tokenizer.all_special_ids else (0, 1) for t in x] for x in ids])
+                cuts = [left_cut(off, len(x), len(x), keep) for x, off in zip(ids, offsets)]
                 ids = [x[:start] + x[start + n:] for x, (start, n) in zip(ids, cuts)]
             batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
             gen = model.generate(

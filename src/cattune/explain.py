@@ -91,7 +91,9 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
     tokens training cut (from the left) left out.
 
     The answer is the record's target (teacher forcing), or with ``use_prediction`` the
-    model's own greedy answer (what it looked at when it answered, right or wrong).
+    model's own greedy answer (what it looked at when it answered, right or wrong; on a
+    record cut by max_length, the prompt shown is training's cut, while generation cut a
+    few more tokens to leave room for the answer, as ``cattune eval`` does).
     """
     import torch
 
@@ -108,18 +110,21 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
     try:
         if max_new_tokens is None:
             max_new_tokens = default_max_new_tokens(tokenizer, [record])
+        # The answer as `cattune eval` gets it; a target too long to leave room for a prompt
+        # under max_length (training cuts it from the right) is generated from the whole prompt.
+        room = reading.max_length is None or reading.max_length > max_new_tokens
         prediction = generate_answers(model, tokenizer, [record.prompt], batch_size=1, max_new_tokens=max_new_tokens,
-                                      progress=False, reading=reading)[0]
+                                      progress=False, reading=reading if room else replace(reading, max_length=None))[0]
         answer, source = record.target, "target"
         if use_prediction and prediction:
             # generate_answers strips the decoded text; keep the separator the target had
             lead = record.target[: len(record.target) - len(record.target.lstrip())]
             answer, source = lead + prediction, "prediction"
-        # Causal columns come from the record as annotated; the prompt's tokens are the
-        # same whatever answer follows (prompt and answer are tokenized separately), and so
-        # is the cut of a long record: the shown answer is cut to the annotated one's.
+        # Causal columns come from the record as training encoded it; the prompt's tokens
+        # are the same whatever answer follows (prompt and answer are tokenized separately),
+        # and a long record loses the same prompt tokens: training's cut, found on the record.
+        annotated = reading.encode(tokenizer, record)
         whole = replace(reading, max_length=None)
-        annotated_whole = whole.encode(tokenizer, record, add_eos=False)
         shown = whole.encode(tokenizer, Record(prompt=record.prompt, target=answer), add_eos=False)
         n_prompt = sum(1 for x in shown.labels if x == -100)
         prompt_text = render_prompt(tokenizer, record.prompt, reading.chat_template)
@@ -127,13 +132,13 @@ def explain_record(model, tokenizer, record: Record, use_prediction: bool = Fals
         prompt_ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         if prompt_ids != shown.input_ids[:n_prompt]:  # pragma: no cover - guards a tokenizer surprise
             raise RuntimeError("prompt tokens differ between encodings")
-        trained = len(whole.encode(tokenizer, record).input_ids)  # as training read it, its EOS included
-        cut_at, cut = left_cut(offsets, n_prompt, trained, reading.max_length)
-        annotated = replace(reading, max_length=len(annotated_whole.input_ids) - cut).encode(
-            tokenizer, record, add_eos=False) if cut else annotated_whole
-        if cut:
-            shown = replace(reading, max_length=len(shown.input_ids) - cut).encode(
-                tokenizer, Record(prompt=record.prompt, target=answer), add_eos=False)
+        cut_at, cut = left_cut(offsets, n_prompt, len(whole.encode(tokenizer, record).input_ids), reading.max_length)
+        if cut:  # the same prompt tokens out
+            kept = len(shown.input_ids) - cut
+            if cut == n_prompt - cut_at:  # the answer alone is longer than training kept: cut from the right
+                kept = min(kept, reading.max_length)
+            shown = replace(reading, max_length=kept).encode(tokenizer, Record(prompt=record.prompt, target=answer),
+                                                             add_eos=False)
             del prompt_ids[cut_at:cut_at + cut], offsets[cut_at:cut_at + cut]
             n_prompt -= cut
         rows = [j - 1 for j in range(1, len(shown.input_ids)) if shown.labels[j] != -100]

@@ -111,17 +111,6 @@ def output_lock(directory: str | os.PathLike, command: str):
         lock.release()
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes: what identifies data that may change under the same name."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _mode_for(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777

@@ -278,7 +278,8 @@ def _piece(original: str, found: tuple[int, int], start: int, shift: int) -> tup
 def left_cut(offsets: list[tuple[int, int]], n_prompt: int, length: int, max_length: int | None) -> tuple[int, int]:
     """Where a sequence of ``length`` tokens longer than ``max_length`` loses tokens, in
     training and in evaluation alike: ``(start, count)``, prompt tokens from the left after
-    its leading special tokens (BOS: offsets (0, 0)), never the answer's. ``offsets``: at
+    the special tokens the tokenizer adds in front (BOS: offsets (0, 0); a BOS a chat
+    template writes as text is text, and may be cut), never the answer's. ``offsets``: at
     least the prompt's, its first ``n_prompt`` tokens."""
     start = 0
     while start < n_prompt and offsets[start] == (0, 0):

@@ -116,11 +116,11 @@ ALL_LAYERS = "all"  # a command's --layers all: every layer, whatever the model 
 
 def saved_reading(reference: str | os.PathLike | None, chat_template: bool | None = None,
                   span_columns: str | None = None, layers: list[int] | str | None = None,
-                  max_length: int | None = None) -> Reading:
+                  max_length: int | None = None, default_max_length: int | None = None) -> Reading:
     """How to read records for a model: what the caller gives, else what its
     ``cattune.json`` recorded, else the defaults of a model cattune did not train (no
-    chat template, every layer, the model's own length limit). ``layers``: None = as
-    trained, ``"all"`` = every layer, or a list of indices."""
+    chat template, every layer, ``default_max_length``: None = the model's own length
+    limit). ``layers``: None = as trained, ``"all"`` = every layer, or a list of indices."""
     info = read_training_info(reference) if reference is not None and Path(reference).is_dir() else {}
     if layers is None:
         layers = info.get("cat_layers")
@@ -130,5 +130,5 @@ def saved_reading(reference: str | os.PathLike | None, chat_template: bool | Non
         chat_template=bool(info.get("chat_template", False)) if chat_template is None else chat_template,
         span_columns=span_columns or info.get("cat_span_columns") or DEFAULT_SPAN_COLUMNS,
         layers=layers,
-        max_length=max_length if max_length is not None else info.get("max_length"),
+        max_length=next((v for v in (max_length, info.get("max_length")) if v is not None), default_max_length),
     )

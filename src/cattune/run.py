@@ -10,8 +10,9 @@ identified and resumed one way:
 - :func:`identity`: what makes two runs the same (data by content, model, settings);
   written into the run's directory (``RUN_FILE``) and compared on resume.
 - :func:`resume_point`: the checkpoint to continue from, and what must go first.
-- :func:`train`: a :class:`~cattune.trainer.CATTrainer` trained, with the seconds it
-  took over every resumption recorded in each checkpoint.
+- :func:`make_trainer`: the :class:`~cattune.trainer.CATTrainer`, with the seconds
+  training took over every resumption recorded in each checkpoint; its ``train()`` and
+  ``save_model()`` (weights + cattune.json) are the Trainer's own.
 - :func:`evaluate_tests`: every test set read as training read its records
   (``CATConfig.reading``).
 """
@@ -85,13 +86,14 @@ def identity(run: Run, **extra) -> dict:
     return json.loads(json.dumps(ident))
 
 
-def build_model(spec: ModelSpec, texts: list[str], seed: int, save_base: str | os.PathLike | None = None):
-    """``(model, tokenizer)``: the reference loaded, or the tiny model built from ``texts``,
-    then wrapped in LoRA if ``spec.lora`` is set. A tiny model exists nowhere else, so an
-    adapter alone could not be loaded again: with ``save_base`` its base (untrained) is
-    written there before LoRA wraps it."""
+def build_model(run: Run, save_base: str | os.PathLike | None = None):
+    """``(model, tokenizer)``: the run's reference loaded, or the tiny model built from its
+    ``tokenizer_texts`` (else its training texts), then wrapped in LoRA if the spec says
+    so. A tiny model exists nowhere else, so an adapter alone could not be loaded again:
+    with ``save_base`` its base (untrained) is written there before LoRA wraps it."""
     from .models import lora_model
 
+    spec = run.model
     if spec.reference is not None:
         from .models import load_model
 
@@ -99,7 +101,8 @@ def build_model(spec: ModelSpec, texts: list[str], seed: int, save_base: str | o
     else:
         from .tiny import build
 
-        model, tokenizer = build(texts, seed=seed, **spec.tiny)
+        texts = run.tokenizer_texts or [r.text for r in run.train]
+        model, tokenizer = build(texts, seed=run.config.seed, **spec.tiny)
         if spec.lora is not None and save_base is not None:
             model.save_pretrained(save_base)
             tokenizer.save_pretrained(save_base)
@@ -130,14 +133,19 @@ def resume_point(out: str | os.PathLike, ident: dict, named: str | None = None, 
     and a model in ``out`` is not replaced unasked. ``overwrite`` removes an earlier run's
     checkpoints and reports and starts from step 0. A ``scratch`` directory is the
     run's own (the experiment runner's): another run's checkpoints there are removed
-    instead. A checkpoint whose save was cut short (no readable trainer_state.json) is
-    removed. This only decides: the caller removes once every check has passed."""
+    instead, and so is a checkpoint without its time file (``ELAPSED``), whose run's
+    time could not be added up. A checkpoint whose save was cut short (no readable
+    trainer_state.json) is removed. This only decides: the caller removes once every
+    check has passed."""
     from transformers.trainer import TRAINER_STATE_NAME
 
     from .trainer import checkpoints, complete_checkpoint
 
     out = Path(out)
     complete, incomplete = checkpoints(out) if out.is_dir() else ([], [])
+    if scratch:  # the Trainer's rotation (by step) would otherwise keep it and delete the good ones
+        incomplete += [c for c in complete if not (c / ELAPSED).is_file()]
+        complete = [c for c in complete if (c / ELAPSED).is_file()]
     earlier = read_identity(out)
     if overwrite or (scratch and earlier != ident):
         if named is not None:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..files import atomic_write_text
-from ..masks import DEFAULT_MAX_LENGTH
 from ..reading import Reading
 from ..records import Annotation, Record
 from .llm import Outcome, RequestFailed, Stopped
@@ -278,11 +277,9 @@ def rules_annotator(rules) -> Callable[[Record], Outcome]:
 
 
 
-def check_alignment(items: list[tuple[int, Record]], tokenizer, reading: Reading | None = None,
-                    examples: int = 3) -> dict[str, Any]:
+def check_alignment(items: list[tuple[int, Record]], tokenizer, reading: Reading, examples: int = 3) -> dict[str, Any]:
     """How many annotated (key, value) pairs land on tokens, and why the others do not,
-    the records read as training reads them (``reading``; default: training's defaults)."""
-    reading = reading or Reading(max_length=DEFAULT_MAX_LENGTH)
+    the records read as training reads them (``reading``: e.g. ``CATConfig().reading``)."""
     pairs = aligned = annotated = 0
     reasons: Counter[str] = Counter()
     shown: dict[str, list[dict[str, Any]]] = {}

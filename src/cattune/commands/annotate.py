@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import replace
 from typing import Any, Callable
 
 from ..annotate.llm import (
@@ -54,9 +53,7 @@ def _run_check(args) -> int:
     items = read_records(args.input)
     tokenizer, name = _load_tokenizer(args, items)
     reading = saved_reading(args.tokenizer, chat_template=args.chat_template, span_columns=args.span_columns,
-                            max_length=args.max_length)
-    if reading.max_length is None:  # not a model cattune trained: training's default
-        reading = replace(reading, max_length=DEFAULT_MAX_LENGTH)
+                            max_length=args.max_length, default_max_length=DEFAULT_MAX_LENGTH)
     result = check_alignment(items, tokenizer, reading)
     result["tokenizer"] = name
     if args.json:

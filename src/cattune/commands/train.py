@@ -192,7 +192,7 @@ def _train_locked(targs, config) -> int:
         if not resume and int(os.environ.get("RANK", "0")) == 0:
             staged = tempfile.mkdtemp(prefix=".base_model.", dir=config.output_dir)
     try:
-        model, tokenizer = build_model(spec, [r.text for r in train_records], seed=config.seed, save_base=staged)
+        model, tokenizer = build_model(job, save_base=staged)
         trainer = make_trainer(job, model, tokenizer, base_model, resume=resume)
     except BaseException:
         if staged:

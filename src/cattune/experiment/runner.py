@@ -138,9 +138,6 @@ def run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry,
 def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry, spec: RunSpec, data: TaskData,
              out: Path, progress: bool) -> dict:
     started = time.time()
-    work = out / PARTIAL.format(spec.run_id) if config.checkpoint_minutes else Path(
-        tempfile.mkdtemp(prefix=f".{spec.run_id}.", dir=out))
-    job = run_of(config, entry, model_entry, spec, data, work, progress)
     keep = config.keeps_model(spec.seed)
     model_dir = out / "models" / spec.run_id
     # The tiny model exists nowhere else: an adapter trained on it keeps its base beside it.
@@ -149,12 +146,15 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
         shutil.rmtree(base, ignore_errors=True)
     placebo_counts: dict[str, int] = {}
     settings = settings_hash(config, entry, model_entry, spec.arm)
-    resume = None
+    resume, work, scratch = None, out / PARTIAL.format(spec.run_id), None
     try:
-        model, tok = build_model(job.model, data.tokenizer_texts, spec.seed, save_base=base)
+        if not config.checkpoint_minutes:  # no checkpoints to keep: a directory for this try only
+            work = scratch = Path(tempfile.mkdtemp(prefix=f".{spec.run_id}.", dir=out))
+        job = run_of(config, entry, model_entry, spec, data, work, progress)
+        ident = identity(job, settings=settings)  # the task's records: placebo spans follow from the seed
+        model, tok = build_model(job, save_base=base)
         if spec.arm == "placebo":
             job.train = placebo_records(data.train, entry.task, seed=spec.seed, tokenizer=tok, counts=placebo_counts)
-        ident = identity(job, settings=settings)
         if config.checkpoint_minutes:
             resume, stale, why = resume_point(work, ident, scratch=True)
             remove_stale(stale, why, work, log=lambda msg: None)
@@ -168,8 +168,8 @@ def _run_one(config: ExperimentConfig, entry: TaskEntry, model_entry: ModelEntry
         trainer.remove_callback(PrinterCallback)
         trainer.train(resume_from_checkpoint=resume)
     finally:
-        if not config.checkpoint_minutes:
-            shutil.rmtree(work, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     train_seconds = seconds_in(resume) + time.time() - started
     history = trainer.state.log_history
     if keep:
