@@ -82,6 +82,19 @@ def test_a_task_can_run_its_own_seeds(tmp_path):
         load_config(micro(tmp_path, tasks=[{"task": "STG_E", "seeds": [1, 1]}]))
 
 
+def test_shipped_downstream_config():
+    # The paper's second claim: MAWPS <-> SVAMP, each tested IID and on the other data set;
+    # the CAT setting validation left standing (experiments/downstream/README.md).
+    cfg = load_config("builtin:smollm2_downstream")
+    runs = experiment.plan(cfg)
+    assert {(r.task, r.arm) for r in runs} == {(t, a) for t in ("MAWPS", "SVAMP") for a in ("baseline", "cat", "placebo")}
+    assert len(runs) == 18 and cfg.keeps_model(0) and not cfg.keeps_model(1)
+    assert all(t.tests == {"test": "test", "ood": "ood"} for t in cfg.tasks)
+    cat = experiment.train_args_for(cfg, cfg.tasks[0], "cat")
+    assert (cat["cat_layers"], cat["cat_alpha"], cat["cat_gamma"], cat["cat_gamma_decay"]) == (None, 2.0, 1.0, 1.0)
+    assert experiment.train_args_for(cfg, cfg.tasks[1], "baseline")["cat_gamma"] == 0.0
+
+
 def test_shipped_smollm2_config():
     cfg = load_config("builtin:smollm2_stg")
     runs = experiment.plan(cfg)
