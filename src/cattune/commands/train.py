@@ -18,7 +18,8 @@ from transformers import HfArgumentParser
 from ..config import CATConfig, check_lora
 from ..records import load_records
 from ..run import (
-    ModelSpec, Run, build_model, evaluate_tests, identity, make_trainer, remove_stale, resume_point, write_identity,
+    ModelSpec, Run, build_model, evaluate_tests, identity, make_trainer, remove_stale, result_summary, resume_point,
+    write_identity,
 )
 from ..trainer import end_distributed
 from ..fields import typed_fields
@@ -215,8 +216,7 @@ def _train_locked(targs, config) -> int:
               "log_history": trainer.state.log_history}
     if eval_records and trainer.is_world_process_zero():
         res = evaluate_tests(job, trainer.model, tokenizer, progress=True)[targs.eval]
-        report["eval"] = {"accuracy": res.accuracy, "n": res.n, "attention_ratio": res.attention_ratio,
-                          "abs_error": res.abs_error, "unparsed": res.unparsed}
+        report["eval"] = result_summary(res)
         error = "" if res.abs_error is None else f", mean abs error {res.abs_error:.2f}"
         print(f"eval accuracy on {targs.eval}: {res.accuracy:.3f} ({res.correct}/{res.n}){error}")
     if trainer.is_world_process_zero():
