@@ -92,3 +92,36 @@ def test_release_annotations_align_through_smollm2s_chat_template():
         assert aligned >= share - 0.001, (name, split, aligned)
         # the answer rows are supervised in (nearly) every annotated record
         assert sum(bool(e.pairs) for e in encoded) >= 0.97 * len(records), (name, split)
+
+
+def test_ood_unseen_drops_the_validation_records_from_each_runs_ood_answers(tmp_path):
+    """experiments/downstream/ood_unseen.py: MAWPS:ood (svamp_ood, 1000) holds MAWPS:ood_val
+    (svamp_val, 200), on which the settings were chosen; the figure without them is over 800."""
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "ood_unseen", Path(__file__).parents[1] / "experiments" / "downstream" / "ood_unseen.py")
+    ood_unseen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ood_unseen)
+    ood = tasks.get_task("MAWPS").load("ood")
+    held_out = {r.prompt for r in tasks.get_task("MAWPS").load("ood_val")}
+    (tmp_path / "predictions").mkdir()
+    lines = []
+    for arm, right in (("baseline", range(0, 1000, 2)), ("cat", range(0, 1000, 4))):  # every 2nd / 4th right
+        right = set(right)
+        answers = [{"test": "ood", "prompt": r.prompt, "target": r.target, "prediction": "", "correct": i in right}
+                   for i, r in enumerate(ood)] + [{"test": "test", "prompt": "p", "target": "1", "correct": True}]
+        (tmp_path / "predictions" / f"MAWPS__smollm2__{arm}__seed0.jsonl").write_text(
+            "".join(json.dumps(a) + "\n" for a in answers))
+        lines.append({"task": "MAWPS", "model": "smollm2", "arm": arm, "seed": 0, "tests": {
+            "test": {"accuracy": 1.0, "n": 1}, "ood": {"accuracy": len(right) / 1000, "n": 1000}}})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    rows = ood_unseen.unseen_results(tmp_path)
+    kept = [i for i, r in enumerate(ood) if r.prompt not in held_out]
+    assert len(held_out) == 200 and len(kept) == 800
+    assert [(r["arm"], r["tests"]["ood_unseen"]["n"], r["tests"]["ood_unseen"]["correct"]) for r in rows] == [
+        ("baseline", 800, sum(i % 2 == 0 for i in kept)), ("cat", 800, sum(i % 4 == 0 for i in kept))]
+    ood_unseen.main([str(tmp_path)])
+    assert "| MAWPS | smollm2 | ood_unseen | 1 |" in (tmp_path / "ood_unseen.md").read_text()
