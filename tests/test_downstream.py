@@ -114,7 +114,8 @@ def test_ood_unseen_drops_the_validation_records_from_each_runs_ood_answers(tmp_
                    for i, r in enumerate(ood)] + [{"test": "test", "prompt": "p", "target": "1", "correct": True}]
         (tmp_path / "predictions" / f"MAWPS__smollm2__{arm}__seed0.jsonl").write_text(
             "".join(json.dumps(a) + "\n" for a in answers))
-        lines.append({"task": "MAWPS", "model": "smollm2", "arm": arm, "seed": 0, "tests": {
+        lines.append({"task": "MAWPS", "model": "smollm2", "arm": arm, "seed": 0,
+                      "log": f"logs/MAWPS__smollm2__{arm}__seed0.json", "tests": {
             "test": {"accuracy": 1.0, "n": 1}, "ood": {"accuracy": len(right) / 1000, "n": 1000}}})
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 

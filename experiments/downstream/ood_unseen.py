@@ -35,7 +35,7 @@ def unseen_results(out: Path) -> list[dict]:
             continue
         if r["task"] not in seen:
             seen[r["task"]] = {rec.prompt for rec in get_task(r["task"]).load(HELD_OUT)}
-        path = out / "predictions" / f"{r['task']}__{r['model']}__{r['arm']}__seed{r['seed']}.jsonl"
+        path = out / "predictions" / f"{Path(r['log']).stem}.jsonl"  # the run's id, as the runner names its files
         if not path.exists():
             raise SystemExit(f"{path}: no answers for this run (set save_predictions: true and run it again)")
         answers = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
