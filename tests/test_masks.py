@@ -111,6 +111,25 @@ def test_last_word_keeps_every_token_of_a_decimal(tokenizers, annotated_corpus):
         encode_record(tok, stg_e, span_columns="last").pairs
 
 
+def test_numbers_columns_keep_the_numbers_of_a_phrase(tokenizers, annotated_corpus):
+    # Math annotations name phrases ("89 apples"): "last_word" keeps the noun, "numbers"
+    # the number; a value without a digit keeps its last word either way.
+    tok = tokenizers["bytelevel"]
+    record = Record(prompt="Ruth starts with 89 apples. She shares 5 with Peter. How many apples does Ruth end with? "
+                    "Answer: ", target="84.0", important=[("84.0", ["89 apples", "5", "Ruth starts with"])])
+
+    def columns(span_columns):
+        enc = encode_record(tok, record, span_columns=span_columns)
+        return tok.decode([enc.input_ids[c] for c in enc.columns(enc.rows[0])]).replace(" ", "")
+
+    assert columns("numbers") == "with" "89" "5"  # in text order
+    assert columns("last_word") == "with" "apples" "5"
+    for corpus in ("stg_e", "stg_h"):  # STG's values end in their number: the same columns
+        for record in annotated_corpus[corpus][:20]:
+            assert encode_record(tok, record, span_columns="numbers").pairs == \
+                encode_record(tok, record, span_columns="last_word").pairs
+
+
 def test_without_eos(word_tok):
     enc = encode_record(word_tok, HAND, add_eos=False, span_columns="all")
     assert enc.input_ids[-1] == C and enc.labels == [-100] * 7 + [B, C]
@@ -276,7 +295,14 @@ def reference_encode(tok, record, tokens, max_length=None, span_columns="all"):
                 else:
                     if span_columns == "last":
                         cols = [vs[1] - 1]
-                    elif span_columns == "last_word":
+                    elif span_columns == "numbers" and any(c.isdigit() for c in text[vc[0]:vc[1]]):
+                        cols, at = set(), vc[0]
+                        for c in range(vc[0], vc[1] + 1):  # words: runs of non-space characters
+                            if c == vc[1] or text[c].isspace():
+                                if any(ch.isdigit() for ch in text[at:c]):
+                                    cols.update(range(*token_span(at, c)))
+                                at = c + 1
+                    elif span_columns in ("last_word", "numbers"):
                         word = text[vc[0]:vc[1]].split()[-1]  # spans are stripped of edge spaces
                         cols = range(*token_span(vc[1] - len(word), vc[1]))
                     else:
@@ -387,7 +413,7 @@ def test_truncated_real_records_match_the_reference(tokenizers, annotated_corpus
         records = annotated_corpus[corpus][::6]
         full = encoded_corpus[kind, corpus][::6]
         for i, (record, tokens) in enumerate(zip(records, tokenize_all(tok, records))):
-            span_columns = ("all", "last", "last_word")[i % 3]
+            span_columns = ("all", "last", "last_word", "numbers")[i % 4]
             enc = encode_record(tok, record, max_length=max_length, span_columns=span_columns)
             ids, labels, pairs, unaligned = reference_encode(tok, record, tokens, max_length, span_columns)
             assert (enc.input_ids, enc.labels, set(enc.pairs), enc.unaligned) == (ids, labels, pairs, unaligned)

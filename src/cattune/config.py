@@ -69,8 +69,9 @@ class CATConfig(TrainingArguments):
         cat_span_columns (`str`, *optional*, defaults to `"last_word"`):
             Which tokens of an annotated value span become causal columns: `"last_word"`
             (the tokens of the span's last word: "8" of "Smoking: 8", all of "41.9%"),
-            `"last"` (the span's last token only) or `"all"` (every token, the paper's
-            choice). In a left-to-right model the "Smoking:" before the value cannot carry
+            `"numbers"` (the words that hold a digit: "89" of "89 apples"; else the last
+            word), `"last"` (the span's last token only) or `"all"` (every token, the
+            paper's choice). In a left-to-right model the "Smoking:" before the value cannot carry
             it, yet attention on it satisfies the loss: docs/method.md, "Spans to columns".
         cat_layers (`list[int]`, *optional*):
             Decoder layers whose attention the loss averages (0 = the first, -1 = the

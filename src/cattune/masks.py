@@ -18,19 +18,25 @@ without per-model special cases.
   "Smoking: 8", all of "41.9%"). Same as "last" when the value is one token; for a
   value of several tokens ("41", ".", "9", "%") it keeps them all, where "last" would
   keep only the "%", which a shallow model cannot use to read the number.
+- ``"numbers"``: the tokens of the span's words that hold a digit (the "89" of "89
+  apples", the "0.375" of "0.375 of an inch"); a span without a digit keeps its last
+  word. Same as "last_word" where a value ends in its number (STG); on math word
+  problems, whose annotations name phrases, "last_word" would keep "apples".
 """
 
 from __future__ import annotations
 
 import bisect
+import re
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .records import Record
 
-SPAN_COLUMNS = ("all", "last", "last_word")
+SPAN_COLUMNS = ("all", "last", "last_word", "numbers")
 # What every caller uses unless told otherwise, encode_record included (docs/defaults.md).
 DEFAULT_SPAN_COLUMNS = "last_word"
 DEFAULT_MAX_LENGTH = 256  # tokens per record in training (CATConfig.max_length) and in its checks
@@ -127,12 +133,23 @@ class _Offsets:
         return self.index[lo], self.index[hi - 1] + 1
 
 
-def _columns(full: _Offsets, text: str, chars: tuple[int, int], tokens: tuple[int, int], span_columns: str) -> range:
+def _columns(full: _Offsets, text: str, chars: tuple[int, int], tokens: tuple[int, int],
+             span_columns: str) -> Sequence[int]:
     """The value's tokens that become causal columns (module docstring)."""
     v, v_end = tokens
     if span_columns == "last":
         return range(v_end - 1, v_end)
-    if span_columns == "last_word":
+    if span_columns == "numbers":
+        start = chars[0]
+        cols: set[int] = set()
+        for word in re.finditer(r"\S+", text[start:chars[1]]):
+            if any(c.isdigit() for c in word[0]):
+                token_span = full.span(start + word.start(), start + word.end())
+                cols.update(range(*token_span) if token_span else ())
+        if cols:
+            return sorted(cols)
+        # no number in the span: its last word, as "last_word"
+    if span_columns in ("last_word", "numbers"):
         start, end = chars
         body = text[start:end].rstrip()
         words = body.split()
@@ -372,7 +389,7 @@ class _Span:
     end: int
     status: str  # "ok", "lost" (the template rewrote it), "cut" (by max_length), "uncovered" (no token)
     tokens: tuple[int, int] = (0, 0)
-    cols: range = range(0)
+    cols: Sequence[int] = range(0)
 
     @classmethod
     def of(cls, layout: _Layout, full: _Offsets, chars: tuple[int, int], is_key: bool, span_columns: str) -> "_Span":
