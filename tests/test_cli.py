@@ -20,6 +20,19 @@ def test_help_lists_commands(capsys):
         assert f"  {name}" in out
 
 
+def test_help_keeps_example_commands_on_their_own_lines(monkeypatch):
+    from cattune.commands import train
+
+    monkeypatch.setenv("COLUMNS", "60")
+    text = train.build_parser().format_help()
+    lines = text.splitlines()
+    # the launch examples stay whole lines; the prose around them is wrapped to the width
+    assert "  torchrun --nproc_per_node 4 -m cattune.cli train --train T.jsonl --model M --out D" in lines
+    assert not any(line.startswith("Fine-tune") and len(line) > 60 for line in lines)
+    first = next(i for i, line in enumerate(lines) if line.startswith("Options can come from a file"))
+    assert lines[first - 1] == ""  # paragraphs keep their blank lines
+
+
 def test_stg_train_eval(tmp_path):
     r = cli("stg", "--variant", "E", "--out", str(tmp_path / "stg"))
     assert r.returncode == 0, r.stderr

@@ -135,7 +135,8 @@ def test_shipped_stg_config():
 @pytest.mark.parametrize("over,match", [
     ({"colour": 1}, "unknown fields"),
     ({"arms": ["cat", "sham"]}, "arms"),
-    ({"train": {"learning_rte": 1}}, "not a CATConfig"),
+    ({"train": {"learning_rte": 1}}, "not a CATConfig.*did you mean 'learning_rate'"),
+    ({"train": {"cat_aplha": 1}}, "did you mean 'cat_alpha'"),
     ({"train": {"learningrate": 1}}, "did you mean 'learning_rate'"),
     ({"train": {"seed": 3}}, "set by the experiment runner"),
     ({"train": {"learning_rate": "fast"}}, "must be a number"),

@@ -9,6 +9,7 @@ the field's name. Used by experiment configs and ``cattune train --config``.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import math
 import types as pytypes
@@ -23,7 +24,9 @@ def typed_fields(values: dict, types: dict[str, Any], where: str, error: type[Ex
     out = {}
     for k, v in values.items():
         if not isinstance(k, str) or k not in types:
-            close = [n for n in types if n.replace("_", "") == str(k).replace("_", "")]
+            # "cat_aplha" -> cat_alpha; "catalpha" -> cat_alpha (difflib alone ranks that one low)
+            close = ([n for n in types if n.replace("_", "") == str(k).replace("_", "")]
+                     or difflib.get_close_matches(str(k), list(types), n=1, cutoff=0.8))
             raise error(f"{where}: {k!r} is not a {what}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if reserved and k in reserved:
             raise error(f"{where}: {k!r} {reserved[k]}")

@@ -15,7 +15,21 @@ from ..masks import DEFAULT_SPAN_COLUMNS, SPAN_COLUMNS
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" only where there is a default that the help does not already
-    state: not to required options, nor to ones whose default is None."""
+    state: not to required options, nor to ones whose default is None. A description keeps
+    its blank lines between paragraphs and its indented lines (example commands) as written;
+    the rest is wrapped to the terminal."""
+
+    def _fill_text(self, text, width, indent):
+        blocks, prose = [], []
+        for line in text.splitlines() + [""]:
+            if line.strip() and not line.startswith(" "):
+                prose.append(line)
+                continue
+            if prose:
+                blocks.append(super()._fill_text(" ".join(prose), width, indent))
+                prose = []
+            blocks.append(indent + line if line.strip() else "")
+        return "\n".join(blocks[:-1])
 
     def _get_help_string(self, action):
         text = action.help or ""

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=number_option(int, 1), help="torch CPU threads (default: the config's 'threads', else torch's)")
     p.add_argument("--max-runs", type=int, metavar="N", help="stop after N new runs (run again to continue)")
     p.add_argument("--jobs", type=number_option(int, 1), default=1, metavar="N",
-                   help="train N runs at once, each in its own process with --threads torch threads (1 if unset); "
+                   help="train N runs at once, each in its own process with --threads torch threads (else the config's "
+                   "'threads', else 1); "
                    "with the same --threads the results are those of one run at a time (default: 1)")
     p.add_argument("--dry-run", action="store_true", help="print each task and arm's training settings and list the runs, finished or not; "
                    "check that each model is there (a built-in's package, a local directory or .gguf file); train nothing")

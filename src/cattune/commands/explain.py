@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     heat = p.add_argument_group("heatmap of one record")
     heat.add_argument("--model", help="a model directory with its tokenizer (as `cattune train` saves it), a .gguf file, "
-                      "builtin:smollm2-135m-instruct, or a hub id")
+                      "builtin:NAME (e.g. builtin:smollm2-135m-instruct, builtin:gemma3-270m), or a hub id")
     heat.add_argument("--data", help="JSONL records (paper format) or TASK:SPLIT (e.g. STG_E:ood_test)")
     heat.add_argument("--record", type=int, default=0, help="0-based index of the record (default: 0)")
     heat.add_argument("--use-prediction", action="store_true",

