@@ -93,6 +93,8 @@ def test_shipped_downstream_config():
     cat = experiment.train_args_for(cfg, cfg.tasks[0], "cat")
     assert (cat["cat_layers"], cat["cat_alpha"], cat["cat_gamma"], cat["cat_gamma_decay"]) == (None, 2.0, 1.0, 1.0)
     assert experiment.train_args_for(cfg, cfg.tasks[1], "baseline")["cat_gamma"] == 0.0
+    # 2 epochs on MAWPS's 1239 records, 4 on SVAMP's 600 (validation round val_s2)
+    assert [experiment.train_args_for(cfg, t, "cat")["num_train_epochs"] for t in cfg.tasks] == [2, 4]
 
 
 def test_shipped_smollm2_config():
