@@ -97,6 +97,17 @@ def test_shipped_downstream_config():
     assert [experiment.train_args_for(cfg, t, "cat")["num_train_epochs"] for t in cfg.tasks] == [2, 4]
 
 
+def test_shipped_gemma3_config():
+    # STG_E on Gemma 3 270M: SmolLM2's setting on the upper half of its 18 layers, chosen on
+    # seed-7 validation data (experiments/gemma3/README.md); runs of ~21 min: 3 seeds
+    cfg = load_config("builtin:gemma3_stg")
+    runs = experiment.plan(cfg)
+    assert len(runs) == 9 and {r.task for r in runs} == {"STG_E"} and cfg.keeps_model(0)
+    assert cfg.models[0].path == "builtin:gemma3-270m" and not cfg.train["chat_template"]
+    cat = experiment.train_args_for(cfg, cfg.tasks[0], "cat")
+    assert (cat["cat_layers"], cat["cat_alpha"], cat["cat_gamma_decay"]) == (list(range(9, 18)), 50.0, 0.0)
+
+
 def test_shipped_smollm2_config():
     cfg = load_config("builtin:smollm2_stg")
     runs = experiment.plan(cfg)

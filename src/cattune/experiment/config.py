@@ -3,7 +3,7 @@
 The format is documented in docs/experiments.md. ``builtin:NAME`` names a recipe shipped
 in cattune/resources/experiments (``builtin:stg``: the STG grid; ``builtin:demo``: the
 tiny STG_E demo; ``builtin:smollm2_stg``: STG on SmolLM2-135M-Instruct; ``builtin:smollm2_downstream``:
-MAWPS <-> SVAMP on it). A config's
+MAWPS <-> SVAMP on it; ``builtin:gemma3_stg``: STG_E on Gemma 3 270M). A config's
 ``train:`` block starts from CATConfig's own defaults, or from another config's block
 named by ``train_from`` (``builtin:demo`` for the tiny model's tuned settings).
 """
