@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--span-columns", choices=SPAN_COLUMNS, default=train["cat_span_columns"],
                    help="value tokens that become causal columns ('all' = the paper's whole span)")
     p.add_argument("--threads", type=int, default=recipe["threads"],
-                   help=f"torch CPU threads (default: {recipe['threads']}, the recipe's; 0: torch's own choice); the tiny "
-                   "model's ops are too small to gain from more")
+                   help=f"torch CPU threads (default: {recipe['threads']}, the recipe's; 0: torch's own choice); "
+                   "the tiny model's ops are too small to gain from more")
     p.add_argument("--jobs", type=int, default=1,
                    help="train N runs at once, each in its own process with --threads threads; the results are "
                    "those of one run at a time")
