@@ -82,6 +82,16 @@ def test_a_task_can_run_its_own_seeds(tmp_path):
         load_config(micro(tmp_path, tasks=[{"task": "STG_E", "seeds": [1, 1]}]))
 
 
+def assert_committed_results_are(cfg, name: str) -> None:
+    """The committed results (the README's figures) are this recipe's: a changed setting must
+    come with a re-run, or a re-run of one seed would not be comparable with them."""
+    committed = lines(Path(__file__).resolve().parents[1] / "docs" / "results" / name / "results.jsonl")
+    entries = {t.label: t for t in cfg.tasks}
+    assert committed
+    for line in committed:
+        assert line["settings"] == experiment.settings_hash(cfg, entries[line["task"]], cfg.models[0], line["arm"]), line
+
+
 def test_shipped_downstream_config():
     # The paper's second claim: MAWPS <-> SVAMP, each tested IID and on the other data set;
     # the CAT setting validation left standing (experiments/downstream/README.md).
@@ -95,6 +105,7 @@ def test_shipped_downstream_config():
     assert experiment.train_args_for(cfg, cfg.tasks[1], "baseline")["cat_gamma"] == 0.0
     # 2 epochs on MAWPS's 1239 records, 4 on SVAMP's 600 (validation round val_s2)
     assert [experiment.train_args_for(cfg, t, "cat")["num_train_epochs"] for t in cfg.tasks] == [2, 4]
+    assert_committed_results_are(cfg, "smollm2_downstream")
 
 
 def test_shipped_gemma3_config():
@@ -106,6 +117,7 @@ def test_shipped_gemma3_config():
     assert cfg.models[0].path == "builtin:gemma3-270m" and not cfg.train["chat_template"]
     cat = experiment.train_args_for(cfg, cfg.tasks[0], "cat")
     assert (cat["cat_layers"], cat["cat_alpha"], cat["cat_gamma_decay"]) == (list(range(9, 18)), 50.0, 0.0)
+    assert_committed_results_are(cfg, "gemma3_stg")
 
 
 def test_shipped_smollm2_config():
@@ -120,12 +132,7 @@ def test_shipped_smollm2_config():
     h = experiment.train_args_for(cfg, cfg.tasks[1], "cat")
     assert (h["num_train_epochs"], h["learning_rate"], h["cat_alpha"]) == (4, 1e-4, 50.0)
     assert experiment.train_args_for(cfg, cfg.tasks[0], "cat")["num_train_epochs"] == 2
-    # the committed results (README's headline) are this recipe's: a changed setting must
-    # come with a re-run, or a re-run of one seed would not be comparable with them
-    committed = Path(__file__).resolve().parents[1] / "docs" / "results" / "smollm2_stg" / "results.jsonl"
-    entries = {t.label: t for t in cfg.tasks}
-    for line in lines(committed):
-        assert line["settings"] == experiment.settings_hash(cfg, entries[line["task"]], cfg.models[0], line["arm"]), line
+    assert_committed_results_are(cfg, "smollm2_stg")
 
 
 def test_shipped_stg_config():
