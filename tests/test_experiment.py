@@ -96,9 +96,10 @@ def assert_committed_results_are(cfg, name: str | Path) -> None:
         assert line["settings"] == settings, line
 
 
-# the validation rounds whose data need no generating first (experiments/smollm2's read
-# STG files that a `cattune stg` command in their header writes)
-VALIDATION_ROUNDS = sorted(p.relative_to(REPO) for d in ("downstream", "gemma3") for p in (REPO / "experiments" / d).glob("*.yaml"))
+# the validation rounds whose data need no generating first: the downstream ones read the
+# shipped release files (the STG rounds of experiments/smollm2 and experiments/gemma3 read
+# seed-7 files that a `cattune stg` command in their header writes)
+VALIDATION_ROUNDS = sorted(p.relative_to(REPO) for p in (REPO / "experiments" / "downstream").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", VALIDATION_ROUNDS, ids=str)
