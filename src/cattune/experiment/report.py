@@ -161,7 +161,8 @@ def summary_markdown(rows: list[dict], title: str = "Experiment", arms: list[str
     if error_rows:
         lines += ["", "Numeric answers: mean absolute error |answer - target| (lower is better), over the "
                   "answers that hold a number (runs.csv counts those that do not), mean ± standard deviation "
-                  "over seeds; differences paired by seed with a 95% t-interval:", ""]
+                  "over seeds; differences paired by seed with a 95% t-interval. A mean: a few far-off "
+                  "answers can outweigh all the others (the predictions, where saved, hold every answer):", ""]
         table = []
         for r in error_rows:
             table.append([r["task"], r["model"], r["test"],
